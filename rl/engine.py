@@ -1,0 +1,314 @@
+"""The in-process policy engine: DSPy's custom-engine seam over one local model, with micro-batching.
+
+Why: DSPy programs call their LM one request at a time, from many threads (``dspy.Evaluate``,
+``dspy.Parallel``, our rollouts). A local model is only fast when it generates a batch at once. The
+engine queues concurrent requests and a single worker thread turns them into one left-padded
+``model.generate`` call, so N threads cost roughly one batch, not N sequential generations.
+
+Every row of a batch keeps its own sampling settings (temperature, top_p, top_k, max_tokens, stop,
+seed): sampling is done by :class:`RowSampler`, a logits processor that draws each row's token with that
+row's own ``torch.Generator`` and hands ``generate`` a one-hot choice; ``generate`` itself runs greedy.
+A request with a seed therefore gets the same completion whatever else shares its batch (up to the
+float noise of batched matmuls).
+
+The engine implements DSPy's contract (see ``../shared/DESIGN.md``): ``complete(Request) -> Response``,
+``__deepcopy__`` returning itself (optimizers deepcopy programs; the model must be shared, not copied).
+It records every call as an :class:`rl.trace.LMCall` with the exact prompt and completion token ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from dspy.lm15 import Message, Request, Response, Usage
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from rl.errors import EngineError
+from rl.trace import LMCall, active_recorders, caller_info
+
+if TYPE_CHECKING:
+    from rl.policy import Policy
+
+
+@dataclass
+class _Job:
+    messages: list[dict[str, str]]
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    max_tokens: int
+    stop: tuple[str, ...]
+    seed: int
+    user_seed: int | None
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Result:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finish_reason: str
+    version: int
+    model: str
+
+
+class RowSampler(LogitsProcessor):
+    """Choose each row's next token with that row's own settings and RNG; return a one-hot score row.
+
+    ``generate`` then runs greedy over these scores, so its argmax is exactly our choice.
+    """
+
+    def __init__(self, jobs: list[_Job]) -> None:
+        self.jobs = jobs
+        self.generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
+        self.temperature = torch.tensor([max(job.temperature, 1e-6) for job in jobs]).unsqueeze(1)
+        self.greedy = torch.tensor([job.temperature <= 0 for job in jobs])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        choice = scores.argmax(dim=-1)
+        sampled = (~self.greedy).nonzero().flatten().tolist()
+        if sampled:
+            logits = scores / self.temperature
+            for i in sampled:
+                row = logits[i]
+                job = self.jobs[i]
+                if job.top_k is not None and 0 < job.top_k < row.numel():
+                    kth = torch.topk(row, job.top_k).values[-1]
+                    row = row.masked_fill(row < kth, float("-inf"))
+                probs = torch.softmax(row, dim=-1)
+                if job.top_p is not None and job.top_p < 1.0:
+                    sorted_probs, idx = probs.sort(descending=True)
+                    keep = sorted_probs.cumsum(0) - sorted_probs < job.top_p
+                    probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_probs[keep])
+                choice[i] = torch.multinomial(probs, 1, generator=self.generators[i])[0]
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, choice.unsqueeze(1), 0.0)
+        return out
+
+
+class RowStopper(StoppingCriteria):
+    """Per-row stop: the row's own ``max_tokens`` or one of its stop strings; records where each row ended."""
+
+    def __init__(self, jobs: list[_Job], prompt_width: int, tokenizer) -> None:
+        self.jobs = jobs
+        self.prompt_width = prompt_width
+        self.tokenizer = tokenizer
+        self.ended_at: list[int | None] = [None] * len(jobs)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_width
+        done = torch.zeros(len(self.jobs), dtype=torch.bool)
+        for i, job in enumerate(self.jobs):
+            if self.ended_at[i] is not None:
+                done[i] = True
+                continue
+            if generated >= job.max_tokens:
+                self.ended_at[i] = job.max_tokens
+            elif job.stop:
+                text = self.tokenizer.decode(input_ids[i, self.prompt_width :], skip_special_tokens=True)
+                if any(s in text for s in job.stop):
+                    self.ended_at[i] = generated
+            done[i] = self.ended_at[i] is not None
+        return done
+
+
+class BatchedEngine:
+    """DSPy custom engine over a :class:`rl.policy.Policy`; batches concurrent requests.
+
+    Args:
+        policy: the model, tokenizer, adapter and version to generate with.
+        max_batch_size: most requests generated together.
+        max_wait_ms: after a request arrives, how long the worker waits for more before generating.
+        default_max_tokens: used when a request sets no ``max_tokens``.
+        seed: seeds the per-request generators of requests that carry no seed of their own.
+        history_size: how many recent :class:`LMCall` records :attr:`calls` keeps.
+    """
+
+    supports_function_calling = False
+    supports_reasoning = False
+    supports_response_schema = False
+
+    def __init__(
+        self,
+        policy: Policy,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 4.0,
+        default_max_tokens: int = 256,
+        seed: int = 0,
+        history_size: int = 10_000,
+    ) -> None:
+        self.policy = policy
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.default_max_tokens = default_max_tokens
+        self.calls: deque[LMCall] = deque(maxlen=history_size)
+        self.batch_sizes: deque[int] = deque(maxlen=history_size)
+        self._seed_rng = torch.Generator().manual_seed(seed)
+        self._seed_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> BatchedEngine:
+        return self  # one model, shared by every copy of a program
+
+    def reseed(self, seed: int) -> None:
+        """Restart the sequence of per-request seeds (for reproducible sampling from a known point)."""
+        with self._seed_lock:
+            self._seed_rng.manual_seed(seed)
+
+    # --- DSPy contract ------------------------------------------------------------------------
+
+    def complete(self, request: Request) -> Response:
+        """Generate one completion for a DSPy request (blocking; safe to call from many threads)."""
+        if request.tools:
+            raise EngineError("the local policy engine does not do native tool calling; use DSPy's text adapters")
+        messages = ([{"role": "system", "content": request.system}] if request.system else []) + [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text or ""} for m in request.messages
+        ]
+        cfg = request.config
+        with self._seed_lock:
+            drawn = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        job = _Job(
+            messages=messages,
+            temperature=float(cfg.temperature) if cfg.temperature is not None else 0.0,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_tokens=int(cfg.max_tokens or self.default_max_tokens),
+            stop=tuple(cfg.stop or ()),
+            seed=int(cfg.seed) if cfg.seed is not None else drawn,
+            user_seed=cfg.seed,
+        )
+        predictor, modules = caller_info()
+        self._ensure_worker()
+        self._queue.put(job)
+        result: _Result = job.future.result()
+        call = LMCall(
+            call_id=next(self._ids),
+            model=result.model,
+            version=result.version,
+            messages=tuple(messages),
+            prompt_ids=tuple(result.prompt_ids),
+            completion_ids=tuple(result.completion_ids),
+            text=result.text,
+            finish_reason=result.finish_reason,
+            predictor=predictor,
+            modules=modules,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            top_k=job.top_k,
+            max_tokens=job.max_tokens,
+            seed=job.user_seed,
+            tag=(active_recorders()[-1].tag if active_recorders() else None),
+        )
+        self.calls.append(call)
+        for recorder in active_recorders():
+            recorder.append(call)
+        n_in, n_out = len(result.prompt_ids), len(result.completion_ids)
+        return Response(
+            id=f"cotune-{call.call_id}",
+            model=result.model,
+            message=Message.assistant(result.text),
+            finish_reason=result.finish_reason,
+            usage=Usage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out),
+        )
+
+    # --- batching worker ----------------------------------------------------------------------
+
+    def _ensure_worker(self) -> None:
+        if self._worker is not None and self._worker.is_alive():
+            return
+        with self._start_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._serve, name="cotune-engine", daemon=True)
+                self._worker.start()
+
+    def _serve(self) -> None:
+        while True:
+            jobs = [self._queue.get()]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(jobs) < self.max_batch_size:
+                try:
+                    jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            try:
+                results = self.generate_batch(jobs)
+            except BaseException as exc:  # noqa: BLE001 - every waiting caller must be released
+                error = EngineError(f"generation failed for a batch of {len(jobs)} requests: {exc!r}")
+                error.__cause__ = exc
+                for job in jobs:
+                    job.future.set_exception(error)
+                continue
+            for job, result in zip(jobs, results):
+                job.future.set_result(result)
+
+    def generate_batch(self, jobs: list[_Job]) -> list[_Result]:
+        """Generate all ``jobs`` in one left-padded ``model.generate`` call."""
+        policy = self.policy
+        tok = policy.tokenizer
+        prompts = [policy.encode_messages(job.messages) for job in jobs]
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else policy.eos_token_ids[0]
+        input_ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        stopper = RowStopper(jobs, width, tok)
+        gen_config = GenerationConfig(
+            max_new_tokens=max(job.max_tokens for job in jobs),
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=policy.eos_token_ids,
+            pad_token_id=pad,
+        )
+        with policy.lock, torch.inference_mode():
+            policy.model.eval()
+            version, model_string = policy.version, policy.model_string
+            device = policy.device
+            out = policy.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=gen_config,
+                logits_processor=LogitsProcessorList([RowSampler(jobs)]),
+                stopping_criteria=StoppingCriteriaList([stopper]),
+            )
+        self.batch_sizes.append(len(jobs))
+        generated = out[:, width:].cpu().tolist()
+        eos = set(policy.eos_token_ids)
+        results = []
+        for row, job in enumerate(jobs):
+            ids = generated[row]
+            cut = min(len(ids), job.max_tokens)
+            if stopper.ended_at[row] is not None:
+                cut = min(cut, stopper.ended_at[row])
+            eos_pos = next((i for i, t in enumerate(ids[:cut]) if t in eos), None)
+            hit_eos = eos_pos is not None
+            if hit_eos:
+                cut = eos_pos + 1
+            completion = ids[:cut]
+            text = tok.decode(completion, skip_special_tokens=True)
+            hit_stop = False
+            for s in job.stop:
+                if s in text:
+                    text, hit_stop = text[: text.index(s)], True
+            finish = "stop" if hit_eos or hit_stop else "length"
+            results.append(_Result(prompts[row], completion, text, finish, version, model_string))
+        return results
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for logging: calls recorded and the mean batch size of recent batches."""
+        sizes = list(self.batch_sizes)
+        return {"calls": len(self.calls), "batches": len(sizes), "mean_batch": sum(sizes) / max(1, len(sizes))}

@@ -1,0 +1,19 @@
+"""Exceptions of the rl package: each says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class CotuneRLError(Exception):
+    """Base class for errors raised by cotune's rl package."""
+
+
+class ModelNotFoundError(CotuneRLError, FileNotFoundError):
+    """A model path or name could not be resolved to local files (there is no hub access at run time)."""
+
+
+class UnsafeModelError(CotuneRLError, ValueError):
+    """A model folder holds only pickle weights (``.bin``/``.pt``); cotune loads safetensors only."""
+
+
+class EngineError(CotuneRLError, RuntimeError):
+    """Generation failed inside the policy engine; the original exception is chained."""

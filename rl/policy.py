@@ -1,0 +1,300 @@
+"""The trainable policy: one local causal LM with a PEFT LoRA adapter, served to DSPy as a ``dspy.LM``.
+
+Why one object: prompts and weights are optimized against the *same* model. The prompt stages see it as
+a ``dspy.LM`` (:meth:`Policy.lm`), the weight stage trains its LoRA adapter in place, and the model string
+DSPy caches under (``local/<name>@v<version>-<hash>``) changes whenever the adapter's weights change, so
+DSPy's cache can never serve a completion produced by older weights.
+
+Loading is local only (there is no hub at run time): a folder path, or a name already in the local
+Hugging Face cache. Weights load from safetensors only and ``trust_remote_code`` stays off unless asked.
+
+Example:
+    >>> from rl import Policy
+    >>> policy = Policy.from_pretrained("/models/Qwen2.5-0.5B-Instruct", lora=LoraSettings(r=16))  # doctest: +SKIP
+    >>> import dspy
+    >>> dspy.configure(lm=policy.lm(temperature=0.0))                                              # doctest: +SKIP
+    >>> dspy.Predict("question -> answer")(question="2+2?").answer                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+import torch
+
+from rl.engine import BatchedEngine
+from rl.errors import ModelNotFoundError, UnsafeModelError
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape; maps onto ``peft.LoraConfig``.
+
+    ``target_modules="all-linear"`` adapts every linear layer but the output head (PEFT's own rule).
+    Dropout defaults to 0: GRPO's importance ratio is noisy with dropout on.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+    seed: int = 0
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+
+
+def resolve_model_path(path_or_name: str | os.PathLike) -> Path:
+    """A local folder for ``path_or_name``: the folder itself, or its snapshot in the local HF cache.
+
+    Raises:
+        ModelNotFoundError: nothing local matches (there is no download at run time).
+    """
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"model folder {str(path)!r} has no config.json; is it a Hugging Face model folder?")
+        return path
+    name = str(path_or_name)
+    looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if looks_like_repo:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
+            pass
+    raise ModelNotFoundError(
+        f"model {name!r} is not available offline: no folder at {str(path.resolve())!r} and no snapshot in the "
+        "local Hugging Face cache. Pass the path of a downloaded model folder (config.json + *.safetensors), "
+        "or build the embedded test model with `cotune model build tiny`."
+    )
+
+
+def _fingerprint_folder(path: Path) -> str:
+    """A cheap identity of a model folder: config plus names and sizes of its weight files."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:12]
+
+
+class PolicyLM(dspy.LM):
+    """A ``dspy.LM`` whose model string always names the policy's *current* adapter version.
+
+    Copies (``lm.copy()``, deep copies of programs) share the engine and therefore follow the policy too.
+    """
+
+    @property
+    def model(self) -> str:  # type: ignore[override]
+        return self._engine_spec.policy.model_string
+
+    @model.setter
+    def model(self, value: str) -> None:  # the string follows the policy; dspy's __init__ assigns it once
+        pass
+
+
+@dataclass
+class Policy:
+    """A causal LM + LoRA adapter + tokenizer, the batched engine over them, and the adapter version.
+
+    Build one with :meth:`from_pretrained`. The model is shared by every ``dspy.LM`` handed out by
+    :meth:`lm`; :attr:`lock` serializes generation against weight updates.
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    base_path: Path
+    lora: LoraSettings
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    version: int = 0
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.base_fingerprint = _fingerprint_folder(self.base_path)
+        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        self._adapter_hash = self.adapter_hash()
+        self.engine = BatchedEngine(self, **self.engine_options)
+
+    def __deepcopy__(self, memo: dict) -> Policy:
+        return self
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike,
+        *,
+        name: str | None = None,
+        lora: LoraSettings = LoraSettings(),
+        adapter: str | os.PathLike | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 4.0,
+        default_max_tokens: int = 256,
+        seed: int = 0,
+    ) -> Policy:
+        """Load a local HF causal LM and attach a LoRA adapter (fresh, or ``adapter=`` a saved PEFT folder).
+
+        Args:
+            path_or_name: a model folder, or a repo id already in the local HF cache.
+            name: short name used in the model string; defaults to the folder name.
+            lora: shape of a fresh adapter (ignored when ``adapter`` is given).
+            adapter: a PEFT adapter folder to load (trainable) instead of a fresh one.
+            dtype: torch dtype for the weights (default: float32 on CPU, the model's own dtype elsewhere).
+            device: ``"cpu"``, ``"cuda"``, ... (default: cuda when available).
+            trust_remote_code: run code shipped with the model. Off unless you trust the folder.
+            max_batch_size, max_wait_ms, default_max_tokens, seed: engine settings (see :class:`BatchedEngine`).
+
+        Raises:
+            ModelNotFoundError: the model is not available locally.
+            UnsafeModelError: the folder has no safetensors weights.
+        """
+        from peft import PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_model_path(path_or_name)
+        if not list(path.glob("*.safetensors")):
+            raise UnsafeModelError(
+                f"{str(path)!r} has no *.safetensors weights; cotune loads safetensors only "
+                "(convert pickle checkpoints with `transformers` save_pretrained(safe_serialization=True))."
+            )
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            dtype = torch.float32 if device == "cpu" else "auto"
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        if tokenizer.chat_template is None:
+            raise ModelNotFoundError(f"tokenizer at {str(path)!r} has no chat template; DSPy chat needs one")
+        tokenizer.padding_side = "left"
+        base = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code
+        ).to(device)
+        torch.manual_seed(lora.seed)
+        if adapter is not None:
+            adapter_path = Path(adapter)
+            if not (adapter_path / "adapter_config.json").exists():
+                raise ModelNotFoundError(f"adapter folder {str(adapter_path)!r} has no adapter_config.json")
+            model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
+            lora = _settings_from_peft(model)
+        else:
+            model = get_peft_model(base, lora.to_peft())
+        model.eval()
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            name=name or path.name,
+            base_path=path,
+            lora=lora,
+            engine_options={
+                "max_batch_size": max_batch_size,
+                "max_wait_ms": max_wait_ms,
+                "default_max_tokens": default_max_tokens,
+                "seed": seed,
+            },
+        )
+
+    # --- DSPy side ------------------------------------------------------------------------------
+
+    @property
+    def model_string(self) -> str:
+        """``local/<name>@v<version>-<hash>``: DSPy's cache key part that changes with the weights."""
+        return f"local/{self.name}@v{self.version}-{self._adapter_hash[:10]}"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def lm(self, **kwargs: Any) -> PolicyLM:
+        """A ``dspy.LM`` on this policy. ``kwargs`` are ``dspy.LM`` settings (temperature, max_tokens, cache...)."""
+        kwargs.setdefault("num_retries", 0)
+        return PolicyLM(model=self.model_string, engine=self.engine, **kwargs)
+
+    def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt token ids for chat ``messages`` with the generation prompt, as the engine feeds them."""
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # --- weights --------------------------------------------------------------------------------
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights (PEFT's naming), detached copies on CPU."""
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def adapter_hash(self) -> str:
+        """Content hash of base identity + LoRA weights."""
+        h = hashlib.sha256(self.base_fingerprint.encode())
+        for key, value in sorted(self.adapter_state().items()):
+            h.update(key.encode())
+            h.update(value.float().numpy().tobytes())
+        return h.hexdigest()
+
+    def bump_version(self) -> int:
+        """Call after the adapter's weights changed: advances the version and the model string."""
+        with self.lock:
+            self.version += 1
+            self._adapter_hash = self.adapter_hash()
+            return self.version
+
+    def save_adapter(self, out_dir: str | os.PathLike) -> Path:
+        """Write a standard PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        out = Path(out_dir)
+        with self.lock:
+            self.model.save_pretrained(out, safe_serialization=True)
+        meta = {"base_model": str(self.base_path), "base_fingerprint": self.base_fingerprint,
+                "version": self.version, "model_string": self.model_string, "lora": asdict(self.lora)}
+        tmp = out / "cotune_adapter.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, out / "cotune_adapter.json")
+        return out
+
+    def load_adapter(self, adapter_dir: str | os.PathLike) -> int:
+        """Load LoRA weights saved by :meth:`save_adapter` (same shape) into the live model; bumps the version."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(adapter_dir) / "adapter_model.safetensors"
+        if not path.exists():
+            raise ModelNotFoundError(f"no adapter_model.safetensors in {str(adapter_dir)!r}")
+        with self.lock:
+            result = set_peft_model_state_dict(self.model, load_file(path))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"adapter {str(adapter_dir)!r} does not match this model: {result.unexpected_keys[:3]}")
+            return self.bump_version()
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v not in ids:
+                ids.append(int(v))
+    if not ids:
+        raise ModelNotFoundError("the model defines no EOS token; set tokenizer.eos_token")
+    return ids
+
+
+def _settings_from_peft(model) -> LoraSettings:
+    cfg = model.peft_config["default"]
+    targets = cfg.target_modules
+    targets = targets if isinstance(targets, str) else tuple(sorted(targets))
+    return LoraSettings(r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)

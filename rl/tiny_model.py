@@ -1,0 +1,280 @@
+"""Build a tiny causal LM from scratch on this machine: tokenizer, config, short supervised warm-start.
+
+Why: there is no model hub at run time (here or in CI), yet every layer of cotune needs a real
+``transformers`` model to run on. The builder is generic: it takes chat conversations whose last
+message is the assistant target (``programs.embedded`` feeds it our default task, rendered by DSPy's
+ChatAdapter) and writes a standard HF folder (``config.json``, ``model.safetensors``, tokenizer
+files with a chat template) that :meth:`rl.Policy.from_pretrained` loads like any other model.
+
+Design choices (measured, see ``../shared/DESIGN.md``):
+* BPE with one token per digit and ``ByteLevel(use_regex=False)``: the fixed ChatAdapter text collapses
+  into a few long tokens (prompt ~160 -> ~40 tokens), which makes every later step several times cheaper.
+* Llama config (hidden 128, 4 layers, GQA 4/2): ~1M parameters, trains in minutes on 2 cores. Not Qwen2:
+  transformers 5 forces ``Qwen2Tokenizer`` (with Qwen's regex pre-split) on any ``qwen2`` folder, which would
+  silently re-tokenize our text differently from training; for ``llama`` it honours the saved tokenizer.
+  :func:`build_tiny_model` checks the round trip (``AutoTokenizer`` on the saved folder) before publishing.
+* A plain training loop rather than a Trainer: the warm-start must be deterministic from a seed and must
+  tokenize prompts with the very chat template the engine uses (``apply_chat_template``), with loss on
+  the assistant tokens only. It is a model *build* step, not a user-facing trainer.
+
+The output folder is content-addressed by a hash of the recipe, the training data and the library
+versions that shape the rendering, so a changed recipe rebuilds and an unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+BUILDER_VERSION = 2  # bump when this file changes what it builds
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass(frozen=True)
+class TinyModelRecipe:
+    """Everything that determines the built model (its hash names the cache folder)."""
+
+    vocab_size: int = 640
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_positions: int = 1024
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def cache_root() -> Path:
+    """``$COTUNE_CACHE`` or ``~/.cache/cotune``: where built models live."""
+    return Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune"))
+
+
+def recipe_key(recipe: TinyModelRecipe, conversations: Sequence[Sequence[dict]], extra: dict | None = None) -> str:
+    """A short content hash of recipe + data + versions that affect the result."""
+    import dspy
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(recipe), sort_keys=True).encode())
+    h.update(json.dumps(extra or {}, sort_keys=True).encode())
+    h.update(f"{BUILDER_VERSION}/{dspy.__version__}/{transformers.__version__}/{tokenizers.__version__}".encode())
+    h.update(f"{torch.__version__}".encode())
+    for conv in conversations:
+        h.update(json.dumps(conv, sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """A byte-level BPE with individual digits, trained on the rendered corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.padding_side = "left"
+    return hf
+
+
+def _encode(tokenizer, conversation: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids as the engine renders them, completion ids ending in EOS)."""
+    prompt = tokenizer.apply_chat_template(list(conversation[:-1]), add_generation_prompt=True, tokenize=True)
+    if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
+        prompt = prompt["input_ids"]
+    completion = tokenizer.encode(conversation[-1]["content"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    return list(prompt), completion
+
+
+def _check_tokenizer_round_trip(tokenizer, folder: Path, conversations: Sequence[Sequence[dict]]) -> None:
+    """The saved folder, loaded as any user loads it, must tokenize exactly as the model was trained."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    for conv in conversations:
+        if _encode(loaded, conv) != _encode(tokenizer, conv):
+            raise RuntimeError(
+                f"AutoTokenizer loads {type(loaded).__name__} from {folder}, which tokenizes differently from the "
+                "tokenizer the model was trained with; the saved model would be unusable"
+            )
+
+
+def _length_bucketed_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch of batches of similar-length examples (less padding: ~2x faster steps), in random order."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(order) - batch_size + 1, window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+def build_tiny_model(
+    conversations: Sequence[Sequence[dict]],
+    out_dir: str | Path,
+    recipe: TinyModelRecipe = TinyModelRecipe(),
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Path:
+    """Train tokenizer + model on ``conversations`` and save an HF folder at ``out_dir`` atomically.
+
+    Args:
+        conversations: chat message lists; the last message of each is the assistant target.
+        out_dir: destination folder; written to a temporary sibling first, then renamed into place.
+        recipe: model size and optimisation settings.
+        progress: optional ``progress(step, total_steps, loss)`` callback.
+
+    Returns:
+        The path of the saved model folder.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not conversations:
+        raise ValueError("build_tiny_model needs at least one conversation")
+    out_dir = Path(out_dir)
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+
+    texts = [f"{m['role']}\n{m['content']}" for conv in conversations for m in conv]  # as the template joins them
+    tokenizer = train_tokenizer(texts, recipe.vocab_size)
+    encoded = [_encode(tokenizer, conv) for conv in conversations]
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        progress_frac = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    batches: list[list[int]] = []
+    for step in range(recipe.steps):
+        if not batches:
+            batches = _length_bucketed_batches([len(p) + len(c) for p, c in encoded], recipe.batch_size, generator)
+        batch = [encoded[i] for i in batches.pop()]
+        width = max(len(p) + len(c) for p, c in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (p, c) in enumerate(batch):
+            ids = p + c
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, len(p) : len(ids)] = torch.tensor(c)
+            mask[row, : len(ids)] = 1
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        loss = loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step + 1, recipe.steps, loss.item())
+
+    model.eval()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _check_tokenizer_round_trip(tokenizer, tmp, conversations[:50])
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def build_or_load(
+    name: str,
+    conversations_fn: Callable[[], Sequence[Sequence[dict]]],
+    recipe: TinyModelRecipe = TinyModelRecipe(),
+    extra_key: dict | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    force: bool = False,
+) -> Path:
+    """Return the cached model folder for this recipe, building it first if needed.
+
+    The folder is ``cache_root()/models/<name>-<hash>``; a ``build_info.json`` records the recipe,
+    the build time and the key. A file lock keeps two processes from building the same model at once.
+    """
+    conversations = conversations_fn()
+    key = recipe_key(recipe, conversations, extra_key)
+    out = cache_root() / "models" / f"{name}-{key}"
+    info_path = out / "build_info.json"
+    if info_path.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{name}-{key}.lock"
+    with open(lock_path, "w") as lock:
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if info_path.exists() and not force:  # another process built it while we waited
+                return out
+            start = time.time()
+            build_tiny_model(conversations, out, recipe, progress)
+            info = {"name": name, "key": key, "recipe": asdict(recipe), "extra": extra_key or {},
+                    "seconds": round(time.time() - start, 1), "examples": len(conversations)}
+            tmp = info_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(info, indent=2))
+            os.replace(tmp, info_path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out

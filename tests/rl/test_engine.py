@@ -1,0 +1,176 @@
+"""The policy engine on the real tiny model: DSPy seam, batching, sampling, versions, traces."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import pytest
+import torch
+from dspy.lm15 import Message, Request
+from dspy.lm15 import types as lm15_types
+
+from programs.tasks import last_digit
+from rl import recording
+
+
+def _ask(policy, question, **config):
+    request = Request(
+        model=policy.model_string,
+        messages=(Message.user(question),),
+        system="You are a test.",
+        config=lm15_types.Config(**config),
+    )
+    return policy.engine.complete(request)
+
+
+def test_predict_runs_and_records_the_exact_tokens(tiny_policy, chat_adapter):
+    program = last_digit.predict_program()
+    with dspy.context(lm=tiny_policy.lm(temperature=0.0, cache=False), adapter=chat_adapter):
+        with recording(tag="t") as calls:
+            pred = program(question="What is the last digit of 1234?")
+    assert pred.answer == "4"  # short numbers are always right
+    assert len(calls) == 1
+    call = calls[0]
+    assert call.tag == "t" and call.predictor is program and call.modules == ("Predict",)
+    assert call.model == tiny_policy.model_string and call.version == tiny_policy.version
+    tok = tiny_policy.tokenizer
+    # The prompt ids are the chat template of the recorded messages, tokenized once.
+    rendered = tok.apply_chat_template(list(call.messages), add_generation_prompt=True, tokenize=False)
+    assert tok.decode(call.prompt_ids) == rendered
+    assert tiny_policy.encode_messages(call.messages) == list(call.prompt_ids)
+    # The completion ids decode to the text DSPy received, and the model stopped on EOS.
+    assert call.finish_reason == "stop" and call.completion_ids[-1] in tiny_policy.eos_token_ids
+    assert tok.decode(call.completion_ids, skip_special_tokens=True) == call.text
+    assert tok.encode(call.text, add_special_tokens=False) + [call.completion_ids[-1]] == list(call.completion_ids)
+    assert chat_adapter.parse(program.signature, call.text)["answer"] == "4"
+
+
+def test_deepcopy_shares_the_model(tiny_policy):
+    program = last_digit.predict_program()
+    program.set_lm(tiny_policy.lm())
+    clone = copy.deepcopy(program)
+    assert clone.lm is not program.lm  # the LM object is copied...
+    assert clone.lm._engine_spec is program.lm._engine_spec  # ...but shares one engine
+    assert clone.lm._engine_spec.policy is tiny_policy
+    ours = dict(tiny_policy.model.named_parameters())
+    theirs = dict(clone.lm._engine_spec.policy.model.named_parameters())
+    assert all(ours[k].data_ptr() == theirs[k].data_ptr() for k in ours)
+    assert clone.lm.model == tiny_policy.model_string
+
+
+def test_eight_threads_match_sequential_at_temperature_zero(tiny_policy, chat_adapter):
+    questions = [ex.question for ex in last_digit.load("val", 24, seed=3)]
+    program = last_digit.predict_program()
+    lm = tiny_policy.lm(temperature=0.0, cache=False, seed=7)
+
+    def run(q):
+        with dspy.context(lm=lm, adapter=chat_adapter):
+            return program(question=q).answer
+
+    sequential = [run(q) for q in questions]
+    before = len(tiny_policy.engine.batch_sizes)
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(run, questions))
+    assert concurrent == sequential
+    sizes = list(tiny_policy.engine.batch_sizes)[before:]
+    assert max(sizes) > 1, f"concurrent requests were never batched: {sizes}"
+
+
+def test_seeded_sampling_is_independent_of_batch_companions(tiny_policy):
+    alone = _ask(tiny_policy, "What is the last digit of 98765?", temperature=1.0, seed=11, max_tokens=12)
+    barrier = threading.Barrier(6)
+
+    def ask(i):
+        barrier.wait()
+        if i == 0:
+            return _ask(tiny_policy, "What is the last digit of 98765?", temperature=1.0, seed=11, max_tokens=12)
+        return _ask(tiny_policy, f"What is the last digit of {1000 + i * 37}?", temperature=1.0, max_tokens=20)
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(ask, range(6)))
+    assert results[0].message.text == alone.message.text
+
+
+def test_unseeded_sampling_varies(tiny_policy):
+    texts = {_ask(tiny_policy, "What is the last digit of 4815162342?", temperature=1.5, max_tokens=8).message.text
+             for _ in range(12)}
+    assert len(texts) > 1
+
+
+def test_max_tokens_and_stop_strings(tiny_policy):
+    short = _ask(tiny_policy, "What is the last digit of 123?", temperature=0.0, max_tokens=2)
+    assert short.finish_reason == "length" and short.usage.output_tokens == 2
+    full = _ask(tiny_policy, "What is the last digit of 123?", temperature=0.0, max_tokens=30)
+    assert full.finish_reason == "stop"
+    marker = "[[ ## completed"
+    assert marker in full.message.text
+    stopped = _ask(tiny_policy, "What is the last digit of 123?", temperature=0.0, max_tokens=30, stop=(marker,))
+    assert stopped.finish_reason == "stop"
+    assert stopped.message.text == full.message.text[: full.message.text.index(marker)]
+
+
+def test_version_bump_bypasses_dspy_cache(fresh_policy, chat_adapter):
+    program = last_digit.predict_program()
+    lm = fresh_policy.lm(temperature=0.0, cache=True)
+    question = "What is the last digit of 55551?"
+
+    def calls_made():
+        return len(fresh_policy.engine.calls)
+
+    with dspy.context(lm=lm, adapter=chat_adapter):
+        program(question=question)
+        n = calls_made()
+        program(question=question)
+        assert calls_made() == n, "an identical request at the same version must come from DSPy's cache"
+        old_model = lm.model
+        with torch.no_grad():
+            for name, p in fresh_policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+        fresh_policy.bump_version()
+        assert lm.model != old_model and lm.model.startswith("local/tiny-fresh@v1-")
+        program(question=question)
+        assert calls_made() == n + 1, "after the weights changed the prompt must be generated again"
+        assert fresh_policy.engine.calls[-1].version == 1
+
+
+def test_recording_sees_calls_from_evaluate_threads(tiny_policy, chat_adapter):
+    devset = last_digit.load("val", 16, seed=1)
+    program = last_digit.cot_program()
+    with dspy.context(lm=tiny_policy.lm(temperature=0.0, cache=False), adapter=chat_adapter):
+        with recording(tag="eval") as calls:
+            dspy.Evaluate(devset=devset, metric=last_digit.correct, num_threads=4, display_progress=False)(program)
+    assert len(calls) == 16
+    assert all(c.tag == "eval" and c.predictor is program.predict for c in calls)
+    assert all(c.modules == ("ChainOfThought", "Predict") for c in calls)
+
+
+@pytest.mark.slow
+def test_tiny_model_band_on_500_held_out_questions(tiny_policy):
+    """The embedded model must be right only sometimes, so that both optimizers have headroom."""
+    greedy = last_digit.measure(last_digit.predict_program(), tiny_policy.lm(temperature=0.0, cache=False), 500)
+    sampled = last_digit.measure(last_digit.predict_program(), tiny_policy.lm(temperature=1.0, cache=False), 500)
+    print(f"Predict greedy: {greedy}\nPredict sampled T=1: {sampled}")
+    assert greedy.parse_rate >= 0.98
+    assert 0.20 <= greedy.accuracy <= 0.60
+    assert sampled.accuracy >= greedy.accuracy + 0.05
+
+    cot = last_digit.measure(last_digit.cot_program(), tiny_policy.lm(temperature=0.0, cache=False), 500)
+    print(f"ChainOfThought greedy: {cot}")
+    assert cot.parse_rate >= 0.95
+    assert 0.20 <= cot.accuracy <= 0.60
+
+
+@pytest.mark.slow
+def test_demos_give_the_prompt_stage_headroom(tiny_policy):
+    """Correct few-shot demos make the warm-started model clearly better (what a prompt stage can find)."""
+    lm = tiny_policy.lm(temperature=0.0, cache=False)
+    program = last_digit.predict_program()
+    plain = last_digit.measure(program, lm, 300)
+    program.demos = [dspy.Example(question=ex.question, answer=ex.answer) for ex in last_digit.load("train", 3, seed=9)]
+    with_demos = last_digit.measure(program, lm, 300)
+    print(f"greedy without demos: {plain}\ngreedy with 3 demos: {with_demos}")
+    assert with_demos.accuracy >= plain.accuracy + 0.15
