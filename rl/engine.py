@@ -130,7 +130,8 @@ class BatchedEngine:
         max_batch_size: most requests generated together.
         max_wait_ms: after a request arrives, how long the worker waits for more before generating.
         default_max_tokens: used when a request sets no ``max_tokens``.
-        seed: seeds the per-request generators of requests that carry no seed of their own.
+        seed: seeds the per-request generators of requests that carry no seed of their own, outside a tagged
+            :func:`rl.trace.recording` (inside one, the seed derives from the tag and the call's index).
         history_size: how many recent :class:`LMCall` records :attr:`calls` keeps.
     """
 
@@ -178,8 +179,11 @@ class BatchedEngine:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text or ""} for m in request.messages
         ]
         cfg = request.config
-        with self._seed_lock:
-            drawn = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        recorders = active_recorders()
+        drawn = recorders[-1].next_seed() if recorders else None
+        if drawn is None:
+            with self._seed_lock:
+                drawn = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
         job = _Job(
             messages=messages,
             temperature=float(cfg.temperature) if cfg.temperature is not None else 0.0,
@@ -210,10 +214,10 @@ class BatchedEngine:
             top_k=job.top_k,
             max_tokens=job.max_tokens,
             seed=job.user_seed,
-            tag=(active_recorders()[-1].tag if active_recorders() else None),
+            tag=recorders[-1].tag if recorders else None,
         )
         self.calls.append(call)
-        for recorder in active_recorders():
+        for recorder in recorders:
             recorder.append(call)
         n_in, n_out = len(result.prompt_ids), len(result.completion_ids)
         return Response(

@@ -237,7 +237,8 @@ class Policy:
         """The LoRA weights (PEFT's naming), detached copies on CPU."""
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        state = get_peft_model_state_dict(self.model, adapter_name="default")
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def adapter_hash(self) -> str:
         """Content hash of base identity + LoRA weights."""
@@ -258,7 +259,7 @@ class Policy:
         """Write a standard PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
         out = Path(out_dir)
         with self.lock:
-            self.model.save_pretrained(out, safe_serialization=True)
+            self.model.save_pretrained(out, safe_serialization=True, selected_adapters=["default"])
         meta = {"base_model": str(self.base_path), "base_fingerprint": self.base_fingerprint,
                 "version": self.version, "model_string": self.model_string, "lora": asdict(self.lora)}
         tmp = out / "cotune_adapter.json.tmp"
@@ -266,8 +267,11 @@ class Policy:
         os.replace(tmp, out / "cotune_adapter.json")
         return out
 
-    def load_adapter(self, adapter_dir: str | os.PathLike) -> int:
-        """Load LoRA weights saved by :meth:`save_adapter` (same shape) into the live model; bumps the version."""
+    def load_adapter(self, adapter_dir: str | os.PathLike, version: int | None = None) -> int:
+        """Load LoRA weights saved by :meth:`save_adapter` (same shape) into the live model.
+
+        The version advances by one, or is set to ``version`` (when restoring a checkpoint).
+        """
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -278,7 +282,11 @@ class Policy:
             result = set_peft_model_state_dict(self.model, load_file(path))
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"adapter {str(adapter_dir)!r} does not match this model: {result.unexpected_keys[:3]}")
-            return self.bump_version()
+            if version is None:
+                return self.bump_version()
+            self.version = version
+            self._adapter_hash = self.adapter_hash()
+            return self.version
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

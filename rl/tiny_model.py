@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-BUILDER_VERSION = 2  # bump when this file changes what it builds
+BUILDER_VERSION = 3  # bump when this file changes what it builds
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -185,6 +185,7 @@ def build_tiny_model(
         num_key_value_heads=recipe.num_kv_heads,
         max_position_embeddings=recipe.max_positions,
         tie_word_embeddings=True,
+        attention_bias=True,  # as Qwen2: a q/k bias lets RoPE form pure relative-position heads (copying)
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,18 @@ class Recorder:
         self.tag = tag
         self._calls: list[LMCall] = []
         self._lock = threading.Lock()
+        self._seeds = 0
+
+    def next_seed(self) -> int | None:
+        """A sampling seed derived from the tag and the call's index in this recording (``None`` without a tag).
+
+        This makes tagged work (a rollout) sample the same tokens whatever thread or batch it runs in.
+        """
+        if self.tag is None:
+            return None
+        with self._lock:
+            k, self._seeds = self._seeds, self._seeds + 1
+        return int(hashlib.sha256(f"{self.tag!r}/{k}".encode()).hexdigest()[:15], 16)
 
     def append(self, call: LMCall) -> None:
         with self._lock:

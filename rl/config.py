@@ -1,0 +1,84 @@
+"""The weight stage's one typed config, mapped onto TRL's ``GRPOConfig`` for the loss.
+
+Why one dataclass: the same object feeds the Python API, the experiment YAML, Optuna's search space and
+MLflow's params (``asdict``), as TRL's own ``<method>_config.py`` does. The budget is in *rollouts*
+(program executions), the currency shared with prompt stages, so arms compare at equal cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class WeightStageConfig:
+    """Settings of a GRPO weight stage on the policy's LoRA adapter.
+
+    Example:
+        >>> cfg = WeightStageConfig(num_generations=8, examples_per_step=4, max_rollouts=640)
+        >>> cfg.rollouts_per_step, cfg.max_steps
+        (32, 20)
+    """
+
+    # sampling
+    num_generations: int = field(default=8, metadata={"help": "G: rollouts of the whole program per example"})
+    examples_per_step: int = field(default=8, metadata={"help": "examples (GRPO groups) per optimizer step"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (> 0)"})
+    top_p: float = 1.0
+    max_tokens: int = field(default=128, metadata={"help": "max new tokens per LM call"})
+    num_threads: int = field(default=16, metadata={"help": "concurrent program executions during rollouts"})
+    # reward
+    format_failure_score: float = field(default=0.0, metadata={"help": "reward of a run that failed to parse/raised"})
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    # optimisation (TRL GRPO loss)
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW lr for the LoRA adapter (TRL's 1e-6 is for full fine-tuning)"})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient against the adapter-free base model"})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO-style clip range"})
+    loss_type: str = field(default="dapo", metadata={"help": "TRL loss aggregation: dapo, grpo, dr_grpo, bnpo"})
+    micro_batch_size: int = field(default=16, metadata={"help": "rows per forward/backward; a step accumulates all its rows"})
+    num_iterations: int = field(default=1, metadata={"help": "optimizer steps per rollout batch (>1 enables clipping)"})
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"
+    mask_truncated_completions: bool = False
+    # budget and bookkeeping
+    max_rollouts: int = field(default=1024, metadata={"help": "budget: total program executions in this stage"})
+    checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every K steps (0: off)"})
+    seed: int = 0
+    deterministic: bool = field(default=False, metadata={"help": "one rollout at a time (exactly reproducible; slower)"})
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations (G) must be >= 2 for group-relative advantages, got {self.num_generations}")
+        if self.examples_per_step < 1:
+            raise ValueError(f"examples_per_step must be >= 1, got {self.examples_per_step}")
+        if self.temperature <= 0:
+            raise ValueError(f"rollouts need temperature > 0 to differ, got {self.temperature}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.micro_batch_size < 1 or self.num_iterations < 1:
+            raise ValueError("micro_batch_size and num_iterations must be >= 1")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
+        if self.max_rollouts < self.rollouts_per_step:
+            raise ValueError(
+                f"max_rollouts={self.max_rollouts} is below one step's {self.rollouts_per_step} rollouts "
+                f"(examples_per_step={self.examples_per_step} x num_generations={self.num_generations})"
+            )
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.examples_per_step * self.num_generations
+
+    @property
+    def max_steps(self) -> int:
+        return self.max_rollouts // self.rollouts_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,182 @@
+"""The seam to TRL: one optimizer step of TRL's GRPO loss on rows that *we* generated.
+
+Why this seam: our rollouts are whole DSPy programs run on our engine, with one row per LM call and an
+advantage per (example, predictor) group, so TRL must not generate or score. ``GRPOTrainer`` is built once
+(it owns the loss, clipping, KL against a frozen reference, token-level normalisation and metrics); we
+turn rows into the batch dict its ``compute_loss`` consumes, accumulate gradients over micro-batches,
+and step its optimizer and scheduler. Our loop (``rl.weight_stage``) owns the schedule and checkpoints;
+``trainer.train()`` is never called.
+
+Checked against trl 1.16 by running (see tests/rl/test_grpo.py): the micro-batch split does not change
+the update under the default ``loss_type="dapo"``; with ``beta=0`` and zero advantages nothing moves; with
+``beta>0`` the reference is TRL's own choice for a PEFT model, a frozen copy ("ref" adapter) of the adapter
+as it was when the stage started (the base model when the adapter is fresh).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from rl.advantages import Row
+from rl.config import WeightStageConfig
+
+
+def _dummy_reward(completions, **kwargs):  # TRL requires a reward source; ours never runs through TRL
+    return [0.0] * len(completions)
+
+
+class GRPOUpdater:
+    """TRL's GRPO loss + optimizer + scheduler over the policy's PEFT model.
+
+    Args:
+        policy: the :class:`rl.policy.Policy` whose LoRA adapter is trained in place.
+        config: the weight stage config (lr, beta, epsilon, loss type, micro-batch size, ...).
+        total_steps: optimizer steps planned (for the lr schedule).
+    """
+
+    def __init__(self, policy, config: WeightStageConfig, total_steps: int) -> None:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+
+        self.policy = policy
+        self.config = config
+        self._workdir = tempfile.TemporaryDirectory(prefix="cotune-grpo-")
+        args = GRPOConfig(
+            output_dir=self._workdir.name,
+            report_to="none",
+            use_cpu=policy.device.type == "cpu",
+            bf16=False,
+            fp16=False,
+            activation_checkpointing=False,
+            per_device_train_batch_size=config.micro_batch_size,
+            num_generations=2,  # TRL's own sampling is unused; 2 satisfies its batch-size checks
+            gradient_accumulation_steps=1,
+            num_iterations=config.num_iterations,
+            learning_rate=config.learning_rate,
+            beta=config.beta,
+            epsilon=config.epsilon,
+            loss_type=config.loss_type,
+            temperature=config.temperature,  # TRL scales logits by it in the loss: must match the sampler
+            max_grad_norm=config.max_grad_norm,
+            weight_decay=config.weight_decay,
+            warmup_steps=config.warmup_steps,
+            lr_scheduler_type=config.lr_scheduler_type,
+            disable_dropout=True,
+            save_strategy="no",
+            logging_steps=1,
+            seed=config.seed,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.trainer = GRPOTrainer(
+                model=policy.model,
+                processing_class=policy.tokenizer,
+                reward_funcs=_dummy_reward,
+                args=args,
+                train_dataset=Dataset.from_dict({"prompt": ["unused"] * max(4, config.micro_batch_size)}),
+            )
+        if self.trainer.model is not policy.model:
+            raise RuntimeError("TRL replaced the policy model; the engine would keep generating from stale weights")
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=max(1, total_steps))
+
+    def close(self) -> None:
+        """Drop TRL's frozen reference adapter so the policy holds only its own adapter again."""
+        model = self.policy.model
+        if "ref" in getattr(model, "peft_config", {}):
+            model.delete_adapter("ref")
+            model.set_adapter("default")
+        self._workdir.cleanup()
+
+    # --- rows -> TRL batch ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def to_batch(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        """The dict ``GRPOTrainer.compute_loss`` consumes: left-padded prompts, right-padded completions."""
+        from trl.models.utils import disable_gradient_checkpointing
+        from trl.trainer.utils import pad, use_adapter
+
+        trainer = self.trainer
+        device = trainer.accelerator.device
+        pad_id = self.policy.tokenizer.pad_token_id
+        prompts = [torch.tensor(r.prompt_ids, dtype=torch.long) for r in rows]
+        completions = [torch.tensor(r.completion_ids, dtype=torch.long) for r in rows]
+        completion_mask = pad([torch.ones_like(t) for t in completions], 0, "right")
+        if self.config.mask_truncated_completions:
+            truncated = torch.tensor([r.truncated for r in rows])
+            completion_mask[truncated] = 0
+        batch = {
+            "prompt_ids": pad(prompts, pad_id, "left").to(device),
+            "prompt_mask": pad([torch.ones_like(t) for t in prompts], 0, "left").to(device),
+            "completion_ids": pad(completions, pad_id, "right").to(device),
+            "completion_mask": completion_mask.to(device),
+            "advantages": torch.tensor([float(r.advantage) for r in rows], device=device),
+        }
+        batch["num_items_in_batch"] = batch["completion_mask"].sum()
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        width, mbs = batch["completion_ids"].size(1), self.config.micro_batch_size
+        model = trainer.model
+        with disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs):
+            if self.config.num_iterations > 1:  # the batch is reused: freeze the sampling policy's log-probs
+                model.eval()
+                batch["old_per_token_logps"] = trainer._get_per_token_logps_and_entropies(model, ids, mask, width, mbs)[0]
+            if trainer.beta != 0.0:
+                unwrapped = trainer.accelerator.unwrap_model(model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    batch["ref_per_token_logps"] = trainer._get_per_token_logps_and_entropies(
+                        model, ids, mask, width, mbs)[0]
+        return batch
+
+    # --- one optimizer step ---------------------------------------------------------------------
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step on ``batch`` (gradients accumulated over micro-batches); returns TRL's metrics."""
+        trainer = self.trainer
+        model = trainer.model
+        model.train()
+        n_rows = batch["advantages"].size(0)
+        mbs = self.config.micro_batch_size
+        starts = range(0, n_rows, mbs)
+        # TRL divides each micro-batch loss by num_items_in_batch * accumulation / steps_per_generation (dapo) or by
+        # the accumulation steps (grpo...). Setting both so that the sum over micro-batches is the step's token mean
+        # makes the update independent of how the rows are split.
+        trainer.current_gradient_accumulation_steps = len(starts)
+        n_items = batch["num_items_in_batch"] * trainer.args.steps_per_generation / len(starts)
+        total = 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            for s in starts:
+                micro = {k: v[s : s + mbs] for k, v in batch.items() if k != "num_items_in_batch"}
+                micro["num_items_in_batch"] = n_items
+                with trainer.compute_loss_context_manager():
+                    loss = trainer.compute_loss(model, micro)
+                trainer.accelerator.backward(loss)
+                total += loss.item()
+        grad_norm = trainer._clip_grad_norm(model) if trainer.args.max_grad_norm > 0 else None
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        trainer.state.global_step += 1
+        metrics = {k: float(np.nanmean(v)) for k, v in trainer._metrics["train"].items() if len(v)}
+        trainer._metrics["train"].clear()
+        metrics.update(loss=total, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       lr=float(trainer.lr_scheduler.get_last_lr()[0]))
+        return metrics
+
+    # --- checkpoint state -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.trainer.optimizer.state_dict(), "scheduler": self.trainer.lr_scheduler.state_dict(),
+                "global_step": self.trainer.state.global_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.lr_scheduler.load_state_dict(state["scheduler"])
+        self.trainer.state.global_step = int(state["global_step"])

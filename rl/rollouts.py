@@ -1,0 +1,159 @@
+"""Rollouts: run a whole DSPy program G times per example on the policy, recording every LM call.
+
+Why: the unit of reward is a *program execution* (several predictors, tool loops), but the unit of
+training is an *LM call*. A rollout keeps both: the program's prediction (scored once by the rubric) and
+the engine's exact records of every call it made (each becomes a training row with the rollout's reward).
+
+Rollouts run concurrently in threads so the engine can micro-batch them. A rollout whose output does not
+parse, or whose program raises, is kept: its prediction carries ``cotune_error`` (the convention of
+``metrics.ERROR_KEY``) plus whatever fields DSPy could parse, and its calls are still trained on with the
+configured failure score (that is the signal that teaches format).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+
+from rl.errors import CotuneRLError
+from rl.trace import LMCall, recording
+
+ERROR_KEY = "cotune_error"  # same string as metrics.ERROR_KEY; rl imports nothing of ours
+
+
+class RewardError(CotuneRLError, ValueError):
+    """The metric raised or returned a non-finite value: the stage stops rather than score it 0."""
+
+
+@dataclass
+class Rollout:
+    """One execution of the program on one example.
+
+    Attributes:
+        example_index: position of the example in the batch (the GRPO group id).
+        sample: which of the G samples this is.
+        prediction: what the program returned (on failure: a prediction with ``cotune_error``).
+        calls: every policy LM call made during the execution, in order.
+        error: why the run failed (parse error or exception), or ``None``.
+        reward: the scalar reward.
+        components: per-component reward values, when the metric reports them.
+        feedback: textual feedback from the metric, when it gives any.
+    """
+
+    example_index: int
+    sample: int
+    example: dspy.Example
+    prediction: dspy.Prediction
+    calls: list[LMCall] = field(default_factory=list)
+    error: str | None = None
+    reward: float = 0.0
+    components: dict[str, float] = field(default_factory=dict)
+    feedback: str = ""
+
+
+def _failed_prediction(exc: Exception) -> tuple[dspy.Prediction, str]:
+    if isinstance(exc, AdapterParseError):
+        partial = exc.parsed_result if isinstance(exc.parsed_result, dict) else {}
+        message = f"parse error ({exc.adapter_name}): the output did not match the signature's fields"
+        return dspy.Prediction(**partial, **{ERROR_KEY: message}), message
+    message = f"{type(exc).__name__}: {exc}"
+    return dspy.Prediction(**{ERROR_KEY: message}), message
+
+
+def score(metric: Callable, example: dspy.Example, prediction: dspy.Prediction, trace: Any = None
+          ) -> tuple[float, dict[str, float], str]:
+    """Call ``metric`` and normalise its answer to (value, components, feedback).
+
+    Accepts a float/bool, a ``dspy.Prediction(score=, feedback=)``, or a rubric ``Score`` (anything with
+    ``value`` and ``components``). Raises :class:`RewardError` naming the example on an exception or NaN.
+    """
+    try:
+        # A rubric exposes .reward(example, pred, trace) -> Score; a plain DSPy metric gets trace=None so that it
+        # returns a float (DSPy metrics return a pass/fail bool when given a trace).
+        reward = getattr(metric, "reward", None)
+        out = reward(example, prediction, trace) if callable(reward) else metric(example, prediction, None)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the example named
+        raise RewardError(f"the metric raised {type(exc).__name__}: {exc} on example {_short(example)}") from exc
+    components: dict[str, float] = {}
+    feedback = ""
+    if hasattr(out, "value") and hasattr(out, "components"):
+        value, components, feedback = out.value, dict(out.components), getattr(out, "feedback", "") or ""
+    elif isinstance(out, dspy.Prediction):
+        value, feedback = out.get("score"), out.get("feedback") or ""
+    else:
+        value = out
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise RewardError(f"the metric returned {out!r}, not a number, on example {_short(example)}") from exc
+    if not math.isfinite(value):
+        raise RewardError(f"the metric returned {value} on example {_short(example)}; rewards must be finite")
+    return value, components, feedback
+
+
+def _short(example: dspy.Example, limit: int = 120) -> str:
+    try:
+        text = repr(dict(example.inputs()))
+    except Exception:  # noqa: BLE001 - an example without inputs set
+        text = repr(example)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_rollouts(
+    program: dspy.Module,
+    examples: Sequence[dspy.Example],
+    lm: dspy.LM,
+    metric: Callable,
+    num_generations: int,
+    *,
+    format_failure_score: float = 0.0,
+    num_threads: int = 16,
+    adapter: dspy.Adapter | None = None,
+    tag: Any = None,
+) -> list[Rollout]:
+    """Run ``program`` ``num_generations`` times on each example, concurrently, and score each run.
+
+    Args:
+        program: the DSPy program; it is called, never modified.
+        examples: examples with inputs set (``with_inputs``).
+        lm: the policy LM to sample from (temperature > 0, ``cache=False``).
+        metric: ``metric(example, prediction, trace)`` -> float / bool / Prediction(score, feedback) / Score.
+        num_generations: G, the rollouts per example.
+        format_failure_score: reward of a run that failed to parse or raised.
+        num_threads: concurrent program executions (the engine batches their LM calls).
+        adapter: DSPy adapter; default ``ChatAdapter`` without the JSON fallback, so a parse failure is scored
+            as a failure instead of silently retried in another format.
+        tag: prefix of each rollout's recording tag ``(tag, example, sample)``; the engine derives sampling
+            seeds from it, so the same tag samples the same tokens whatever the thread scheduling.
+
+    Returns:
+        ``len(examples) * num_generations`` rollouts, ordered by (example, sample).
+    """
+    adapter = adapter or dspy.ChatAdapter(use_json_adapter_fallback=False)
+    jobs = [(i, g) for i in range(len(examples)) for g in range(num_generations)]
+
+    def run(job: tuple[int, int]) -> Rollout:
+        i, g = job
+        example = examples[i]
+        rollout = Rollout(example_index=i, sample=g, example=example, prediction=dspy.Prediction())
+        with dspy.context(lm=lm, adapter=adapter, trace=[]), recording(tag=(tag, i, g)) as calls:
+            try:
+                rollout.prediction = program(**example.inputs())
+            except Exception as exc:  # noqa: BLE001 - a failed run is data, not a crash
+                rollout.prediction, rollout.error = _failed_prediction(exc)
+            trace = list(dspy.settings.trace or [])
+        rollout.calls = calls
+        if rollout.error is not None:
+            rollout.reward = float(format_failure_score)
+        else:
+            rollout.reward, rollout.components, rollout.feedback = score(metric, example, rollout.prediction, trace)
+        return rollout
+
+    with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(jobs)))) as pool:
+        return list(pool.map(run, jobs))

@@ -1,0 +1,230 @@
+"""The weight stage: GRPO on the policy's LoRA adapter for a whole DSPy program. Reads top to bottom.
+
+One step: take the next ``examples_per_step`` examples -> run the program G times on each (rollouts,
+every LM call recorded) -> score each run with the one metric -> advantages per (example, predictor)
+group -> one optimizer step of TRL's GRPO loss on every call's exact tokens -> bump the adapter version
+-> log, maybe checkpoint. The budget is counted in rollouts (program executions).
+
+Example:
+    >>> from rl import Policy, WeightStageConfig, train_weights                            # doctest: +SKIP
+    >>> result = train_weights(program, trainset, metric, policy,                          # doctest: +SKIP
+    ...                        WeightStageConfig(num_generations=8, max_rollouts=2048, learning_rate=1e-4),
+    ...                        output_dir="runs/w1", callbacks=[print])
+    >>> result.history[-1]["reward_mean"]                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from rl.advantages import compute_advantages, predictor_namer
+from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.config import WeightStageConfig
+from rl.errors import CotuneRLError
+from rl.grpo import GRPOUpdater
+from rl.rollouts import Rollout, run_rollouts
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainsetError(CotuneRLError, ValueError):
+    """The trainset is empty or holds examples the program cannot be called with."""
+
+
+@dataclass
+class WeightStageResult:
+    """What a weight stage did: its per-step metrics and its spend."""
+
+    steps: int
+    rollouts: int
+    lm_calls: int
+    adapter_version: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+class DataCursor:
+    """Walks the trainset in seeded per-epoch permutations; its whole state is (epoch, position)."""
+
+    def __init__(self, size: int, seed: int, epoch: int = 0, position: int = 0) -> None:
+        self.size, self.seed, self.epoch, self.position = size, seed, epoch, position
+
+    def _order(self, epoch: int) -> list[int]:
+        return random.Random(f"cursor/{self.seed}/{epoch}").sample(range(self.size), self.size)
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.position >= self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+            order = self._order(self.epoch)
+            k = min(n - len(out), self.size - self.position)
+            out += order[self.position : self.position + k]
+            self.position += k
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def _check_trainset(trainset: Sequence[dspy.Example]) -> None:
+    if not trainset:
+        raise TrainsetError("the trainset is empty: a weight stage needs at least one example")
+    for i, ex in enumerate(trainset):
+        if not isinstance(ex, dspy.Example):
+            raise TrainsetError(f"trainset[{i}] is a {type(ex).__name__}, not a dspy.Example")
+        try:
+            inputs = ex.inputs()
+        except ValueError as exc:
+            raise TrainsetError(f"trainset[{i}] has no input fields; call .with_inputs(...) on it") from exc
+        if not inputs:
+            raise TrainsetError(f"trainset[{i}] has no input fields; call .with_inputs(...) on it")
+
+
+def _step_metrics(rollouts: list[Rollout], adv_stats, update: dict[str, Any]) -> dict[str, Any]:
+    rewards = [r.reward for r in rollouts]
+    calls = [c for r in rollouts for c in r.calls]
+    lengths = [len(c.completion_ids) for c in calls]
+    metrics: dict[str, Any] = {
+        "reward_mean": statistics.fmean(rewards),
+        "reward_std": statistics.pstdev(rewards),
+        "parse_failure_rate": sum(r.error is not None for r in rollouts) / len(rollouts),
+        "lm_calls": len(calls),
+        "tokens_generated": sum(lengths),
+        "completion_tokens_mean": statistics.fmean(lengths) if lengths else 0.0,
+        "truncated_rate": sum(c.finish_reason == "length" for c in calls) / max(1, len(calls)),
+        "groups": adv_stats.groups,
+        "zero_variance_groups": adv_stats.zero_variance_groups,
+        "rows": adv_stats.rows,
+    }
+    components: dict[str, list[float]] = defaultdict(list)
+    for r in rollouts:
+        for name, value in r.components.items():
+            components[name].append(value)
+    metrics.update({f"reward/{name}": statistics.fmean(values) for name, values in components.items()})
+    for key in ("loss", "kl", "entropy", "grad_norm", "lr", "clip_ratio/region_mean"):
+        if key in update:
+            metrics["clip_ratio" if key.startswith("clip_ratio") else key] = update[key]
+    return metrics
+
+
+def train_weights(
+    program: dspy.Module,
+    trainset: Sequence[dspy.Example],
+    metric: Callable,
+    policy,
+    config: WeightStageConfig | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[StepCallback] = (),
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> WeightStageResult:
+    """Train ``policy``'s LoRA adapter with GRPO so that ``program`` scores higher under ``metric``.
+
+    Args:
+        program: the DSPy program; its predictors must use the policy's LM (set via ``dspy.context`` here).
+        trainset: training examples (inputs set).
+        metric: a rubric (``.reward(example, pred, trace) -> Score``) or any DSPy metric ``(example, pred, trace)``.
+        policy: the :class:`rl.Policy` to train in place; its version advances after every update.
+        config: settings; the budget is ``config.max_rollouts`` program executions.
+        output_dir: where checkpoints go (``<output_dir>/checkpoints``); required for checkpointing and resume.
+        resume: continue from the latest checkpoint in ``output_dir``.
+        callbacks: called with each step's metrics dict.
+        progress: show a progress bar.
+        stop_after_steps: end after this many steps *in this call* (the budget is unchanged; used to stage runs).
+
+    Raises:
+        TrainsetError: empty trainset or examples without inputs.
+        rl.rollouts.RewardError: the metric raised or returned NaN (the example is named).
+    """
+    config = config or WeightStageConfig()
+    _check_trainset(trainset)
+    if not callable(metric):
+        raise TypeError(f"metric must be callable (a rubric or a DSPy metric), got {type(metric).__name__}")
+    if resume and output_dir is None:
+        raise ValueError("resume=True needs the output_dir that holds the checkpoints")
+    ckpt_root = Path(output_dir) / "checkpoints" if output_dir is not None else None
+
+    total_steps = config.max_steps
+    updater = GRPOUpdater(policy, config, total_steps)
+    cursor = DataCursor(len(trainset), config.seed)
+    history: list[dict[str, Any]] = []
+    start, rollouts_done, calls_done, resumed_from = 0, 0, 0, None
+    if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
+        state = load_checkpoint(ckpt, policy, updater)
+        start, history = state["step"], state["history"]
+        rollouts_done, calls_done = state["rollouts"], state["lm_calls"]
+        cursor = DataCursor(len(trainset), config.seed, **state["cursor"])
+        resumed_from = start
+
+    lm = policy.lm(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens, cache=False)
+    name_of = predictor_namer(program)
+    end = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
+    bar = _progress(progress, start, total_steps)
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            batch = [trainset[i] for i in cursor.take(config.examples_per_step)]
+            rollouts = run_rollouts(
+                program, batch, lm, metric, config.num_generations,
+                format_failure_score=config.format_failure_score,
+                num_threads=1 if config.deterministic else config.num_threads,
+                tag=(config.seed, step),
+            )
+            t1 = time.perf_counter()
+            rows, adv_stats = compute_advantages(rollouts, name_of, config.scale_rewards)
+            update: dict[str, Any] = {}
+            if rows:
+                with policy.lock:
+                    update = updater.step(updater.to_batch(rows))
+                    for _ in range(config.num_iterations - 1):
+                        update = updater.step(updater.to_batch(rows))
+                policy.bump_version()
+            t2 = time.perf_counter()
+
+            rollouts_done += len(rollouts)
+            metrics = _step_metrics(rollouts, adv_stats, update)
+            calls_done += metrics["lm_calls"]
+            metrics.update(step=step + 1, rollouts=rollouts_done, total_lm_calls=calls_done,
+                           adapter_version=policy.version, seconds_rollout=t1 - t0, seconds_update=t2 - t1)
+            history.append(metrics)
+            for callback in callbacks:
+                callback(metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.3g}")
+            if ckpt_root is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                save_checkpoint(ckpt_root, step + 1, policy, updater, {
+                    "cursor": cursor.state(), "history": _finite(history),
+                    "rollouts": rollouts_done, "lm_calls": calls_done, "config": config.to_dict()})
+    finally:
+        if bar is not None:
+            bar.close()
+        updater.close()
+    return WeightStageResult(steps=len(history), rollouts=rollouts_done, lm_calls=calls_done,
+                             adapter_version=policy.version, history=history, resumed_from=resumed_from)
+
+
+def _finite(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History with NaN/inf replaced by None so that it is valid JSON."""
+    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in h.items()} for h in history]
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="weight stage (GRPO)", unit="step")
