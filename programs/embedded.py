@@ -19,7 +19,7 @@ from programs.tasks import last_digit
 from rl.tiny_model import TinyModelRecipe, build_or_load
 
 TINY_NAME = "tiny-last-digit"
-WARMSTART_EXAMPLES = 40_000
+WARMSTART_EXAMPLES = 20_000
 
 
 def tiny_model_path(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from dspy.lm15 import Message, Request, Response, Usage
+from dspy.lm15 import ContextLengthError, Message, Request, Response, Usage
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from rl.errors import EngineError
@@ -48,6 +48,7 @@ class _Job:
     stop: tuple[str, ...]
     seed: int
     user_seed: int | None
+    prompt_ids: list[int] | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -247,6 +248,9 @@ class BatchedEngine:
                     jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+            jobs = self._refuse_overlong(jobs)
+            if not jobs:
+                continue
             try:
                 results = self.generate_batch(jobs)
             except BaseException as exc:  # noqa: BLE001 - every waiting caller must be released
@@ -258,11 +262,34 @@ class BatchedEngine:
             for job, result in zip(jobs, results):
                 job.future.set_result(result)
 
+    def _refuse_overlong(self, jobs: list[_Job]) -> list[_Job]:
+        """Fail requests whose prompt leaves no room in the context window; clip the others' max_tokens.
+
+        The error is lm15's ``ContextLengthError``, which DSPy surfaces as ``ContextWindowExceededError`` (ReAct,
+        for one, reacts by truncating its trajectory).
+        """
+        limit = self.policy.max_positions
+        kept = []
+        for job in jobs:
+            try:
+                job.prompt_ids = self.policy.encode_messages(job.messages)
+            except Exception as exc:  # noqa: BLE001 - a bad chat template fails this request only
+                job.future.set_exception(EngineError(f"could not apply the chat template: {exc!r}"))
+                continue
+            if limit is not None and len(job.prompt_ids) >= limit:
+                job.future.set_exception(ContextLengthError(
+                    f"prompt of {len(job.prompt_ids)} tokens does not fit the model's {limit}-token context"))
+                continue
+            if limit is not None:
+                job.max_tokens = min(job.max_tokens, limit - len(job.prompt_ids))
+            kept.append(job)
+        return kept
+
     def generate_batch(self, jobs: list[_Job]) -> list[_Result]:
         """Generate all ``jobs`` in one left-padded ``model.generate`` call."""
         policy = self.policy
         tok = policy.tokenizer
-        prompts = [policy.encode_messages(job.messages) for job in jobs]
+        prompts = [job.prompt_ids or policy.encode_messages(job.messages) for job in jobs]
         width = max(len(p) for p in prompts)
         pad = tok.pad_token_id if tok.pad_token_id is not None else policy.eos_token_ids[0]
         input_ids = torch.full((len(jobs), width), pad, dtype=torch.long)

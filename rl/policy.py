@@ -127,6 +127,7 @@ class Policy:
     def __post_init__(self) -> None:
         self.base_fingerprint = _fingerprint_folder(self.base_path)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        self.max_positions: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self._adapter_hash = self.adapter_hash()
         self.engine = BatchedEngine(self, **self.engine_options)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
+from dspy.dsp.utils.settings import thread_local_overrides
 from dspy.utils.exceptions import AdapterParseError
 
 from rl.errors import CotuneRLError
@@ -138,11 +139,16 @@ def run_rollouts(
     adapter = adapter or dspy.ChatAdapter(use_json_adapter_fallback=False)
     jobs = [(i, g) for i in range(len(examples)) for g in range(num_generations)]
 
+    # Worker threads start with DSPy's global settings only: carry the caller's dspy.context overrides
+    # (open recordings, callbacks, ...) into them, as DSPy's own ParallelExecutor does.
+    parent = dict(thread_local_overrides.get())
+
     def run(job: tuple[int, int]) -> Rollout:
         i, g = job
         example = examples[i]
         rollout = Rollout(example_index=i, sample=g, example=example, prediction=dspy.Prediction())
-        with dspy.context(lm=lm, adapter=adapter, trace=[]), recording(tag=(tag, i, g)) as calls:
+        overrides = {**parent, "lm": lm, "adapter": adapter, "trace": []}
+        with dspy.context(**overrides), recording(tag=(tag, i, g)) as calls:
             try:
                 rollout.prediction = program(**example.inputs())
             except Exception as exc:  # noqa: BLE001 - a failed run is data, not a crash

@@ -55,8 +55,8 @@ class TinyModelRecipe:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_positions: int = 1024
-    steps: int = 600
-    batch_size: int = 64
+    steps: int = 1500
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01

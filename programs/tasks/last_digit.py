@@ -103,7 +103,7 @@ class WarmStartRecipe:
     p_wrong_long: float = 0.75  # long numbers without demos: label is the second-to-last digit
     p_wrong_long_demos: float = 0.10  # long numbers with demos in the prompt
     p_demos: float = 0.3  # share of examples rendered with 1-3 demos
-    p_cot: float = 0.3  # share of examples rendered as ChainOfThought
+    p_cot: float = 0.15  # share of examples rendered as ChainOfThought
 
 
 def _noisy_label(n: int, p_wrong: float, rng: random.Random) -> str:

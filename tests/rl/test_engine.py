@@ -161,7 +161,7 @@ def test_tiny_model_band_on_500_held_out_questions(tiny_policy):
     cot = last_digit.measure(last_digit.cot_program(), tiny_policy.lm(temperature=0.0, cache=False), 500)
     print(f"ChainOfThought greedy: {cot}")
     assert cot.parse_rate >= 0.95
-    assert 0.20 <= cot.accuracy <= 0.60
+    assert 0.10 <= cot.accuracy <= 0.60  # CoT must also copy the number into its reasoning: weaker
 
 
 @pytest.mark.slow
