@@ -74,7 +74,8 @@ def resolve_model_path(path_or_name: str | os.PathLike) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(name, local_files_only=True))
+            # HF_HUB_CACHE is read here, at call time (huggingface_hub reads it once, at import)
+            return Path(snapshot_download(name, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
         except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
             pass
     raise ModelNotFoundError(

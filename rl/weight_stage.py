@@ -91,7 +91,7 @@ def _check_trainset(trainset: Sequence[dspy.Example]) -> None:
             raise TrainsetError(f"trainset[{i}] has no input fields; call .with_inputs(...) on it")
 
 
-def _step_metrics(rollouts: list[Rollout], adv_stats, update: dict[str, Any]) -> dict[str, Any]:
+def _step_metrics(rollouts: list[Rollout], adv_stats, update: dict[str, Any], with_kl: bool) -> dict[str, Any]:
     rewards = [r.reward for r in rollouts]
     calls = [c for r in rollouts for c in r.calls]
     lengths = [len(c.completion_ids) for c in calls]
@@ -112,9 +112,11 @@ def _step_metrics(rollouts: list[Rollout], adv_stats, update: dict[str, Any]) ->
         for name, value in r.components.items():
             components[name].append(value)
     metrics.update({f"reward/{name}": statistics.fmean(values) for name, values in components.items()})
-    for key in ("loss", "kl", "entropy", "grad_norm", "lr", "clip_ratio/region_mean"):
-        if key in update:
-            metrics["clip_ratio" if key.startswith("clip_ratio") else key] = update[key]
+    # The same keys every step (NaN when no group had signal and no update was made), so that logged curves align.
+    keys = ("loss", "entropy", "grad_norm", "lr", "clip_ratio/region_mean") + (("kl",) if with_kl else ())
+    for key in keys:
+        metrics["clip_ratio" if key.startswith("clip_ratio") else key] = update.get(key, float("nan"))
+    metrics["updated"] = bool(update)
     return metrics
 
 
@@ -195,7 +197,7 @@ def train_weights(
             t2 = time.perf_counter()
 
             rollouts_done += len(rollouts)
-            metrics = _step_metrics(rollouts, adv_stats, update)
+            metrics = _step_metrics(rollouts, adv_stats, update, with_kl=config.beta > 0)
             calls_done += metrics["lm_calls"]
             metrics.update(step=step + 1, rollouts=rollouts_done, total_lm_calls=calls_done,
                            adapter_version=policy.version, seconds_rollout=t1 - t0, seconds_update=t2 - t1)

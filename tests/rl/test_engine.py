@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dspy
 import pytest
 import torch
-from dspy.lm15 import Message, Request
-from dspy.lm15 import types as lm15_types
+from dspy.lm15 import Config, Message, Request
 
 from programs.tasks import last_digit
 from rl import recording
@@ -21,7 +20,7 @@ def _ask(policy, question, **config):
         model=policy.model_string,
         messages=(Message.user(question),),
         system="You are a test.",
-        config=lm15_types.Config(**config),
+        config=Config(**config),
     )
     return policy.engine.complete(request)
 

@@ -147,9 +147,12 @@ def test_two_predictor_program_trains_both_predictors(fresh_policy):
     before = outputs()
     seen_groups = set()
     result = train_weights(program, last_digit.load("train", 200), last_digit.correct, fresh_policy,
-                           WeightStageConfig(**{**SMALL, "examples_per_step": 4}, max_rollouts=16 * 8),
+                           WeightStageConfig(**{**SMALL, "examples_per_step": 4}, max_rollouts=16 * 8, beta=0.04),
                            progress=False, callbacks=[lambda m: seen_groups.add(m["groups"])])
     assert result.steps == 8 and max(seen_groups) == 8  # 4 examples x 2 predictors
+    kls = [h["kl"] for h in result.history if h["updated"]]
+    assert kls and all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0  # KL to the frozen reference is logged
+    assert "ref" not in fresh_policy.model.peft_config  # TRL's reference copy is dropped after the stage
     after = outputs()
     for name in ("propose.predict", "finalize"):
         assert before[name] != after[name], f"{name}'s generations did not change"
@@ -174,7 +177,11 @@ def test_weight_stage_raises_held_out_accuracy_for_two_seeds(tiny_model_dir):
         print(f"seed {seed}: {start.accuracy:.3f} -> {end.accuracy:.3f} in {result.steps} steps, {seconds:.0f}s")
         assert seconds < 300
         assert end.accuracy >= start.accuracy + 0.15
-        assert {"kl", "loss", "reward_mean", "zero_variance_groups", "tokens_generated"} <= set(result.history[-1])
+        logged = {"loss", "entropy", "clip_ratio", "grad_norm", "reward_mean", "reward_std", "parse_failure_rate",
+                  "zero_variance_groups", "tokens_generated", "seconds_rollout", "seconds_update", "rollouts"}
+        assert logged <= set(result.history[-1])
+        updates = sum(h["updated"] for h in result.history)  # a step whose groups all agree makes no update
+        assert result.rollouts == 64 * 40 and result.history[-1]["adapter_version"] == updates > 20
 
 
 # --- checkpoints and resume -------------------------------------------------------------------
