@@ -27,7 +27,7 @@ class WeightStageConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (> 0)"})
     top_p: float = 1.0
     max_tokens: int = field(default=128, metadata={"help": "max new tokens per LM call"})
-    num_threads: int = field(default=16, metadata={"help": "concurrent program executions during rollouts"})
+    num_threads: int = field(default=64, metadata={"help": "concurrent program executions during rollouts"})
     # reward
     format_failure_score: float = field(default=0.0, metadata={"help": "reward of a run that failed to parse/raised"})
     scale_rewards: Literal["group", "batch", "none"] = "group"

@@ -6,8 +6,9 @@ engine queues concurrent requests and a single worker thread turns them into one
 ``model.generate`` call, so N threads cost roughly one batch, not N sequential generations.
 
 Every row of a batch keeps its own sampling settings (temperature, top_p, top_k, max_tokens, stop,
-seed): sampling is done by :class:`RowSampler`, a logits processor that draws each row's token with that
-row's own ``torch.Generator`` and hands ``generate`` a one-hot choice; ``generate`` itself runs greedy.
+seed): sampling is done by :class:`RowSampler`, a logits processor that draws every row's token in one
+vectorised pass from a counter-based RNG keyed by that row's seed, and hands ``generate`` a one-hot choice;
+``generate`` itself runs greedy.
 A request with a seed therefore gets the same completion whatever else shares its batch (up to the
 float noise of batched matmuls).
 
@@ -23,7 +24,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,36 +65,68 @@ class _Result:
     model: str
 
 
-class RowSampler(LogitsProcessor):
-    """Choose each row's next token with that row's own settings and RNG; return a one-hot score row.
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
-    ``generate`` then runs greedy over these scores, so its argmax is exactly our choice.
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) noise of shape (rows, vocab) from splitmix64 of (row seed, step, token index).
+
+    A counter-based RNG: each row's draws depend on its own seed and position only, so a batch can be sampled
+    in one vectorised pass while every row stays reproducible whatever else is in the batch.
+    """
+    x = seeds[:, None] + (step * vocab + torch.arange(vocab, dtype=torch.int64))[None, :] * _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    x = x ^ _shr(x, 31)
+    return (_shr(x, 11).double() + 0.5) / float(1 << 53)
+
+
+class RowSampler(LogitsProcessor):
+    """Choose each row's next token with that row's own settings and seed; return one-hot scores.
+
+    Sampling is Gumbel-max over ``logits / temperature`` (after per-row top-k and top-p masks) with
+    :func:`counter_uniform` noise, all rows in one vectorised pass. ``generate`` then runs greedy over these
+    scores, so its argmax is exactly our choice.
     """
 
     def __init__(self, jobs: list[_Job]) -> None:
-        self.jobs = jobs
-        self.generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
-        self.temperature = torch.tensor([max(job.temperature, 1e-6) for job in jobs]).unsqueeze(1)
+        self.seeds = torch.tensor([_signed(job.seed % (1 << 64)) for job in jobs], dtype=torch.int64)
+        self.temperature = torch.tensor([max(job.temperature, 1e-6) for job in jobs], dtype=torch.float32)[:, None]
         self.greedy = torch.tensor([job.temperature <= 0 for job in jobs])
+        self.top_k = torch.tensor([job.top_k or 0 for job in jobs], dtype=torch.long)
+        self.top_p = torch.tensor([job.top_p if job.top_p is not None else 1.0 for job in jobs], dtype=torch.float32)
+        self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.float()
         choice = scores.argmax(dim=-1)
-        sampled = (~self.greedy).nonzero().flatten().tolist()
-        if sampled:
-            logits = scores / self.temperature
-            for i in sampled:
-                row = logits[i]
-                job = self.jobs[i]
-                if job.top_k is not None and 0 < job.top_k < row.numel():
-                    kth = torch.topk(row, job.top_k).values[-1]
-                    row = row.masked_fill(row < kth, float("-inf"))
-                probs = torch.softmax(row, dim=-1)
-                if job.top_p is not None and job.top_p < 1.0:
-                    sorted_probs, idx = probs.sort(descending=True)
-                    keep = sorted_probs.cumsum(0) - sorted_probs < job.top_p
-                    probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_probs[keep])
-                choice[i] = torch.multinomial(probs, 1, generator=self.generators[i])[0]
+        if not bool(self.greedy.all()):
+            logits = scores / self.temperature.to(scores.device)
+            vocab = logits.size(-1)
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+            k = self.top_k.to(scores.device)
+            if bool((k > 0).any()):
+                rank = torch.arange(vocab, device=scores.device)[None, :]
+                drop |= (k[:, None] > 0) & (rank >= k[:, None])
+            p = self.top_p.to(scores.device)
+            if bool((p < 1.0).any()):
+                probs = torch.softmax(sorted_logits, dim=-1)
+                drop |= (probs.cumsum(-1) - probs) >= p[:, None]
+            masked = sorted_logits.masked_fill(drop, float("-inf"))
+            gumbel = -torch.log(-torch.log(counter_uniform(self.seeds, self.step, vocab))).to(scores.device)
+            picked = order.gather(1, (masked + gumbel.float()).argmax(dim=-1, keepdim=True)).squeeze(1)
+            choice = torch.where(self.greedy.to(scores.device), choice, picked)
+        self.step += 1
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, choice.unsqueeze(1), 0.0)
         return out
@@ -129,11 +164,13 @@ class BatchedEngine:
     Args:
         policy: the model, tokenizer, adapter and version to generate with.
         max_batch_size: most requests generated together.
-        max_wait_ms: after a request arrives, how long the worker waits for more before generating.
+        max_wait_ms: longest the worker waits for more requests after the first one (it waits only while fewer
+            requests are queued than recent batches held, so a lone sequential caller never waits).
         default_max_tokens: used when a request sets no ``max_tokens``.
         seed: seeds the per-request generators of requests that carry no seed of their own, outside a tagged
             :func:`rl.trace.recording` (inside one, the seed derives from the tag and the call's index).
         history_size: how many recent :class:`LMCall` records :attr:`calls` keeps.
+        client_wait_ms: longest wait for the requests of callers declared with :meth:`client`.
     """
 
     supports_function_calling = False
@@ -143,11 +180,12 @@ class BatchedEngine:
     def __init__(
         self,
         policy: Policy,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 4.0,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 15.0,
         default_max_tokens: int = 256,
         seed: int = 0,
         history_size: int = 10_000,
+        client_wait_ms: float = 250.0,
     ) -> None:
         self.policy = policy
         self.max_batch_size = max_batch_size
@@ -161,9 +199,38 @@ class BatchedEngine:
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._clients = 0
+        self._clients_lock = threading.Lock()
+        self.client_wait_s = client_wait_ms / 1000.0
 
     def __deepcopy__(self, memo: dict) -> BatchedEngine:
         return self  # one model, shared by every copy of a program
+
+    @contextmanager
+    def clients(self, n: int) -> Iterator[Callable[[], None]]:
+        """Declare ``n`` concurrent callers (e.g. the rollouts of one step) for the duration of the block.
+
+        Yields a ``done()`` callable each caller invokes when it will make no more requests. While declared
+        callers remain, the worker waits (up to ``client_wait_ms``) until that many requests are queued before
+        generating, so G x B rollouts that start together are generated as one batch instead of being split by
+        the few milliseconds DSPy takes to format each prompt.
+        """
+        remaining = [n]
+        with self._clients_lock:
+            self._clients += n
+
+        def done() -> None:
+            with self._clients_lock:
+                if remaining[0] > 0:
+                    remaining[0] -= 1
+                    self._clients -= 1
+
+        try:
+            yield done
+        finally:
+            with self._clients_lock:
+                self._clients -= remaining[0]
+                remaining[0] = 0
 
     def reseed(self, seed: int) -> None:
         """Restart the sequence of per-request seeds (for reproducible sampling from a known point)."""
@@ -240,14 +307,21 @@ class BatchedEngine:
                 self._worker.start()
 
     def _serve(self) -> None:
+        recent: deque[int] = deque([1], maxlen=2)
         while True:
             jobs = [self._queue.get()]
-            deadline = time.monotonic() + self.max_wait_s
+            # Concurrent callers (k DSPy threads) come back together after each batch, a few ms apart. Wait for as
+            # many as the recent batches held (they are likely on their way), but never longer than max_wait.
+            clients = self._clients
+            expected = min(self.max_batch_size, clients or max(recent))
+            deadline = time.monotonic() + (self.client_wait_s if clients else self.max_wait_s)
             while len(jobs) < self.max_batch_size:
+                timeout = deadline - time.monotonic() if len(jobs) < expected else 0.0
                 try:
-                    jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    jobs.append(self._queue.get(timeout=max(0.0, timeout)) if timeout > 0 else self._queue.get_nowait())
                 except queue.Empty:
                     break
+            recent.append(len(jobs))
             jobs = self._refuse_overlong(jobs)
             if not jobs:
                 continue

@@ -146,8 +146,8 @@ class Policy:
         dtype: torch.dtype | str | None = None,
         device: str | None = None,
         trust_remote_code: bool = False,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 4.0,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 15.0,
         default_max_tokens: int = 256,
         seed: int = 0,
     ) -> Policy:

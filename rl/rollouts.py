@@ -12,6 +12,7 @@ configured failure score (that is the signal that teaches format).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +143,9 @@ def run_rollouts(
     # Worker threads start with DSPy's global settings only: carry the caller's dspy.context overrides
     # (open recordings, callbacks, ...) into them, as DSPy's own ParallelExecutor does.
     parent = dict(thread_local_overrides.get())
+    # All rollouts are declared to a batching engine up front, so their calls are generated together.
+    clients = getattr(getattr(lm, "_engine_spec", None), "clients", None)
+    declared = clients(len(jobs)) if clients is not None else contextlib.nullcontext(lambda: None)
 
     def run(job: tuple[int, int]) -> Rollout:
         i, g = job
@@ -153,6 +157,8 @@ def run_rollouts(
                 rollout.prediction = program(**example.inputs())
             except Exception as exc:  # noqa: BLE001 - a failed run is data, not a crash
                 rollout.prediction, rollout.error = _failed_prediction(exc)
+            finally:
+                done()
             trace = list(dspy.settings.trace or [])
         rollout.calls = calls
         if rollout.error is not None:
@@ -161,5 +167,8 @@ def run_rollouts(
             rollout.reward, rollout.components, rollout.feedback = score(metric, example, rollout.prediction, trace)
         return rollout
 
-    with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(jobs)))) as pool:
+    workers = max(1, min(num_threads, len(jobs)))
+    if workers < len(jobs):  # callers beyond the pool size cannot be waited for: declare only as many as run at once
+        declared = contextlib.nullcontext(lambda: None)
+    with declared as done, ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(run, jobs))
