@@ -20,11 +20,12 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from rl.atomic import atomic_dir
 
 STATE_FILE = "state.json"
 
@@ -44,22 +45,14 @@ def save_checkpoint(root: str | os.PathLike, step: int, policy, updater, state: 
         state: JSON-serialisable loop state (cursor, history, ...); ``step`` and RNG are added here.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
-    try:
+    final = _step_dir(root, step)
+    with atomic_dir(final) as tmp:
         policy.save_adapter(tmp / "adapter")
         torch.save(updater.state_dict(), tmp / "trainer.pt")
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         full = {**state, "step": step, "adapter_version": policy.version,
                 "python_rng": _jsonable(random.getstate())}
         (tmp / STATE_FILE).write_text(json.dumps(full, indent=1))
-        final = _step_dir(root, step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

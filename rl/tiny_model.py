@@ -27,14 +27,14 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from rl.atomic import atomic_dir
 
 BUILDER_VERSION = 3  # bump when this file changes what it builds
 CHAT_TEMPLATE = (
@@ -226,18 +226,10 @@ def build_tiny_model(
             progress(step + 1, recipe.steps, loss.item())
 
     model.eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _check_tokenizer_round_trip(tokenizer, tmp, conversations[:50])
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
