@@ -34,7 +34,8 @@ def tiny_model_path(
         TINY_NAME,
         lambda: last_digit.warmstart_messages(WARMSTART_EXAMPLES, seed=seed, recipe=warm),
         recipe=recipe,
-        extra_key={"warmstart": asdict(warm), "examples": WARMSTART_EXAMPLES},
+        extra_key={"warmstart": asdict(warm), "examples": WARMSTART_EXAMPLES, "seed": seed,
+                   "generator": last_digit.WARMSTART_VERSION},
         progress=progress,
         force=force,
     )

@@ -17,7 +17,7 @@ Design choices (measured, see ``../shared/DESIGN.md``):
   tokenize prompts with the very chat template the engine uses (``apply_chat_template``), with loss on
   the assistant tokens only. It is a model *build* step, not a user-facing trainer.
 
-The output folder is content-addressed by a hash of the recipe, the training data and the library
+The output folder is addressed by a hash of the recipe, a description of the training data and the library
 versions that shape the rendering, so a changed recipe rebuilds and an unchanged one is reused.
 """
 
@@ -68,8 +68,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune"))
 
 
-def recipe_key(recipe: TinyModelRecipe, conversations: Sequence[Sequence[dict]], extra: dict | None = None) -> str:
-    """A short content hash of recipe + data + versions that affect the result."""
+def recipe_key(recipe: TinyModelRecipe, extra: dict | None = None) -> str:
+    """A short hash of the recipe, the data description (``extra``) and the library versions that shape the result.
+
+    The data is described, not hashed: generating it costs seconds, and a cache hit must be instant. Whoever
+    supplies the data puts everything that determines it (generator version, size, seed) in ``extra``.
+    """
     import dspy
     import tokenizers
     import transformers
@@ -79,8 +83,6 @@ def recipe_key(recipe: TinyModelRecipe, conversations: Sequence[Sequence[dict]],
     h.update(json.dumps(extra or {}, sort_keys=True).encode())
     h.update(f"{BUILDER_VERSION}/{dspy.__version__}/{transformers.__version__}/{tokenizers.__version__}".encode())
     h.update(f"{torch.__version__}".encode())
-    for conv in conversations:
-        h.update(json.dumps(conv, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
@@ -243,11 +245,10 @@ def build_or_load(
 ) -> Path:
     """Return the cached model folder for this recipe, building it first if needed.
 
-    The folder is ``cache_root()/models/<name>-<hash>``; a ``build_info.json`` records the recipe,
-    the build time and the key. A file lock keeps two processes from building the same model at once.
+    The folder is ``cache_root()/models/<name>-<hash of recipe and extra_key>``; a ``build_info.json`` records
+    the recipe, the build time and the key. ``conversations_fn`` runs only when a build is needed. A file lock keeps two processes from building the same model at once.
     """
-    conversations = conversations_fn()
-    key = recipe_key(recipe, conversations, extra_key)
+    key = recipe_key(recipe, extra_key)
     out = cache_root() / "models" / f"{name}-{key}"
     info_path = out / "build_info.json"
     if info_path.exists() and not force:
@@ -262,6 +263,7 @@ def build_or_load(
             if info_path.exists() and not force:  # another process built it while we waited
                 return out
             start = time.time()
+            conversations = conversations_fn()
             build_tiny_model(conversations, out, recipe, progress)
             info = {"name": name, "key": key, "recipe": asdict(recipe), "extra": extra_key or {},
                     "seconds": round(time.time() - start, 1), "examples": len(conversations)}

@@ -30,6 +30,7 @@ QUESTION = "What is the last digit of {n}?"
 MIN_DIGITS, MAX_DIGITS = 3, 8
 LONG_DIGITS = 5  # numbers with at least this many digits are the "unreliable" ones
 SPLITS = ("train", "val", "test")
+WARMSTART_VERSION = 1  # bump when the warm-start corpus generator below changes what it produces
 
 
 def split_of(n: int) -> str:

@@ -35,11 +35,22 @@ def test_build_is_deterministic_and_cached(corpus, tmp_path, monkeypatch):
     assert not [p for p in second.parent.iterdir() if p.name.startswith(".t-") and p.is_dir()]
 
 
-def test_changed_recipe_or_data_changes_the_key(corpus):
-    key = recipe_key(SMALL, corpus)
-    assert recipe_key(dataclasses.replace(SMALL, steps=4), corpus) != key
-    assert recipe_key(SMALL, corpus[:-1]) != key
-    assert recipe_key(SMALL, corpus, {"noise": 0.5}) != key
+def test_changed_recipe_or_data_description_changes_the_key():
+    key = recipe_key(SMALL, {"examples": 64})
+    assert recipe_key(SMALL, {"examples": 64}) == key
+    assert recipe_key(dataclasses.replace(SMALL, steps=4), {"examples": 64}) != key
+    assert recipe_key(SMALL, {"examples": 63}) != key
+    assert recipe_key(SMALL, {"examples": 64, "noise": 0.5}) != key
+
+
+def test_cache_hit_does_not_generate_the_data(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("COTUNE_CACHE", str(tmp_path))
+    first = build_or_load("t", lambda: corpus, SMALL)
+
+    def must_not_run():
+        raise AssertionError("a cache hit must not regenerate the corpus")
+
+    assert build_or_load("t", must_not_run, SMALL) == first
 
 
 def test_warmstart_corpus_is_rendered_by_dspy_and_uses_train_numbers_only(corpus):
