@@ -58,6 +58,11 @@ class Rollout:
     components: dict[str, float] = field(default_factory=dict)
     feedback: str = ""
 
+    @property
+    def texts(self) -> list[str]:
+        """The completion text of every LM call of this rollout."""
+        return [c.text for c in self.calls]
+
 
 def _failed_prediction(exc: Exception) -> tuple[dspy.Prediction, str]:
     if isinstance(exc, AdapterParseError):

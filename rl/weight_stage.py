@@ -15,12 +15,13 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ from rl.grpo import GRPOUpdater
 from rl.rollouts import Rollout, run_rollouts
 
 StepCallback = Callable[[dict[str, Any]], None]
+# A monitor sees each step's rollouts (completion texts, rewards, components) and returns events, e.g.
+# metrics.DegeneracyMonitor via ``lambda step, rollouts: monitor.observe(step, texts(rollouts))[1]``.
+StepMonitor = Callable[[int, list[Rollout]], Iterable[Any] | None]
+logger = logging.getLogger(__name__)
 
 
 class TrainsetError(CotuneRLError, ValueError):
@@ -51,6 +56,7 @@ class WeightStageResult:
     adapter_version: int
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
+    events: list[Any] = field(default_factory=list)
 
 
 class DataCursor:
@@ -130,6 +136,7 @@ def train_weights(
     output_dir: str | Path | None = None,
     resume: bool = False,
     callbacks: Sequence[StepCallback] = (),
+    monitors: Sequence[StepMonitor] = (),
     progress: bool = True,
     stop_after_steps: int | None = None,
 ) -> WeightStageResult:
@@ -144,6 +151,9 @@ def train_weights(
         output_dir: where checkpoints go (``<output_dir>/checkpoints``); required for checkpointing and resume.
         resume: continue from the latest checkpoint in ``output_dir``.
         callbacks: called with each step's metrics dict.
+        monitors: called with (step, rollouts) after each step; the events they return (e.g. reward-hacking or
+            degeneracy alerts from ``metrics``) are logged, counted in the step's ``guard_events`` metric and
+            returned in ``result.events``.
         progress: show a progress bar.
         stop_after_steps: end after this many steps *in this call* (the budget is unchanged; used to stage runs).
 
@@ -163,6 +173,7 @@ def train_weights(
     updater = GRPOUpdater(policy, config, total_steps)
     cursor = DataCursor(len(trainset), config.seed)
     history: list[dict[str, Any]] = []
+    events: list[Any] = []
     start, rollouts_done, calls_done, resumed_from = 0, 0, 0, None
     if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
         state = load_checkpoint(ckpt, policy, updater)
@@ -199,8 +210,13 @@ def train_weights(
             rollouts_done += len(rollouts)
             metrics = _step_metrics(rollouts, adv_stats, update, with_kl=config.beta > 0)
             calls_done += metrics["lm_calls"]
+            step_events = [e for monitor in monitors for e in (monitor(step + 1, rollouts) or ())]
+            for event in step_events:
+                logger.warning("weight stage step %d: %s", step + 1, getattr(event, "message", event))
+            events += step_events
             metrics.update(step=step + 1, rollouts=rollouts_done, total_lm_calls=calls_done,
-                           adapter_version=policy.version, seconds_rollout=t1 - t0, seconds_update=t2 - t1)
+                           adapter_version=policy.version, seconds_rollout=t1 - t0, seconds_update=t2 - t1,
+                           guard_events=len(step_events))
             history.append(metrics)
             for callback in callbacks:
                 callback(metrics)
@@ -216,7 +232,8 @@ def train_weights(
             bar.close()
         updater.close()
     return WeightStageResult(steps=len(history), rollouts=rollouts_done, lm_calls=calls_done,
-                             adapter_version=policy.version, history=history, resumed_from=resumed_from)
+                             adapter_version=policy.version, history=history, resumed_from=resumed_from,
+                             events=events)
 
 
 def _finite(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

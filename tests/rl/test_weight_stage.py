@@ -73,6 +73,21 @@ def test_nan_reward_names_the_example(fresh_policy):
                       WeightStageConfig(**SMALL, max_rollouts=8), progress=False)
 
 
+def test_monitor_events_are_returned_and_counted(fresh_policy):
+    from metrics import DegeneracyMonitor
+
+    monitor = DegeneracyMonitor(max_mean_chars=5)  # every answer block is longer: fires on every step
+
+    def degeneracy(step, rollouts):
+        return monitor.observe(step, [t for r in rollouts for t in r.texts])[1]
+
+    result = train_weights(last_digit.predict_program(), last_digit.load("train", 8), last_digit.correct,
+                           fresh_policy, WeightStageConfig(**SMALL, max_rollouts=16), monitors=[degeneracy],
+                           progress=False)
+    assert result.steps == 2 and [h["guard_events"] for h in result.history] == [1, 1]
+    assert [e.step for e in result.events] == [1, 2] and all(e.kind for e in result.events)
+
+
 # --- rows from every call ---------------------------------------------------------------------
 
 
@@ -106,8 +121,9 @@ class AskThrice(dspy.Module):
 def test_rollouts_record_every_call_of_loops_and_react(tiny_policy):
     lm = tiny_policy.lm(temperature=1.0, max_tokens=24, cache=False)
     examples = last_digit.load("train", 2)
-    loop = run_rollouts(AskThrice(), examples, lm, last_digit.correct, num_generations=3)
-    assert len(loop) == 6 and all(len(r.calls) == 3 for r in loop)
+    greedy = tiny_policy.lm(temperature=0.0, max_tokens=24, cache=False)  # always parses: the loop runs to the end
+    loop = run_rollouts(AskThrice(), examples, greedy, last_digit.correct, num_generations=3)
+    assert len(loop) == 6 and all(len(r.calls) == 3 and r.error is None for r in loop)
     assert all(c.predictor is not None for r in loop for c in r.calls)
 
     def calculator(expression: str) -> str:
@@ -125,37 +141,43 @@ def test_rollouts_record_every_call_of_loops_and_react(tiny_policy):
         assert {type(c.predictor).__name__ for c in r.calls} <= {"Predict"}
 
 
+def _logprob(policy, call) -> float:
+    ids = torch.tensor([list(call.prompt_ids) + list(call.completion_ids)])
+    with torch.no_grad():
+        logits = policy.model(input_ids=ids).logits[0, len(call.prompt_ids) - 1 : -1]
+    return float(torch.log_softmax(logits.float(), -1).gather(1, ids[0, len(call.prompt_ids):, None]).sum())
+
+
 @pytest.mark.slow
 def test_two_predictor_program_trains_both_predictors(fresh_policy):
+    from rl.advantages import compute_advantages, predictor_namer
+
     program = ProposeThenFinalize()
-    probe = last_digit.load("val", 16, seed=4)
+    name_of = predictor_namer(program)
+    trained: dict[str, int] = {"propose.predict": 0, "finalize": 0}
+    first_calls = {}
 
-    def outputs():
-        lm = fresh_policy.lm(temperature=0.0, max_tokens=32, cache=False)
-        with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)), recording() as calls:
-            for ex in probe:
-                try:
-                    program(question=ex.question)
-                except Exception:  # noqa: BLE001 - a parse failure still produced a completion
-                    pass
-        by_name = {"propose.predict": [], "finalize": []}
-        names = {id(p): n for n, p in program.named_predictors()}
-        for c in calls:
-            by_name[names[id(c.predictor)]].append(c.completion_ids)
-        return by_name
+    def watch(step, rollouts):
+        rows, _ = compute_advantages(rollouts, name_of)
+        for row in rows:
+            trained[row.group[1]] += 1
+        for r in rollouts:
+            for c in r.calls:
+                first_calls.setdefault(name_of(c.predictor), c)
 
-    before = outputs()
-    seen_groups = set()
-    result = train_weights(program, last_digit.load("train", 200), last_digit.correct, fresh_policy,
-                           WeightStageConfig(**{**SMALL, "examples_per_step": 4}, max_rollouts=16 * 8, beta=0.04),
-                           progress=False, callbacks=[lambda m: seen_groups.add(m["groups"])])
-    assert result.steps == 8 and max(seen_groups) == 8  # 4 examples x 2 predictors
+    config = WeightStageConfig(**{**SMALL, "examples_per_step": 4}, max_rollouts=16 * 8, beta=0.04)
+    before = {}
+    result = train_weights(program, last_digit.load("train", 200), last_digit.correct, fresh_policy, config,
+                           progress=False, monitors=[watch, lambda step, _: before or before.update(
+                               {n: _logprob(fresh_policy, c) for n, c in first_calls.items()})])
+    assert result.steps == 8 and max(h["groups"] for h in result.history) == 8  # 4 examples x 2 predictors
+    assert trained["propose.predict"] > 0 and trained["finalize"] > 0, trained
+    # the same completions of each predictor are now more or less likely under the trained adapter
+    for name, call in first_calls.items():
+        assert abs(_logprob(fresh_policy, call) - before[name]) > 1e-3, name
     kls = [h["kl"] for h in result.history if h["updated"]]
-    assert kls and all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0  # KL to the frozen reference is logged
+    assert kls and all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0  # KL to the frozen reference
     assert "ref" not in fresh_policy.model.peft_config  # TRL's reference copy is dropped after the stage
-    after = outputs()
-    for name in ("propose.predict", "finalize"):
-        assert before[name] != after[name], f"{name}'s generations did not change"
 
 
 # --- learning -----------------------------------------------------------------------------------
