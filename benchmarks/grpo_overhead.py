@@ -85,14 +85,19 @@ def ours_seconds_per_step(model_dir, examples, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for both sides (default 1: on 2 cores, OpenMP spinning against "
+                             "the rollout threads slows tiny-model ops by orders of magnitude)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     dspy.configure_cache(enable_disk_cache=False)
     model_dir = tiny_model_path()
     examples = last_digit.load("train", PROMPTS * args.steps, seed=2)
     a = trl_seconds_per_step(model_dir, examples, args.steps)
     b = ours_seconds_per_step(model_dir, examples, args.steps)
-    print(f"batch {PROMPTS} prompts x G={G}, max_new_tokens={MAX_TOKENS}, {args.steps} steps each")
+    print(f"batch {PROMPTS} prompts x G={G}, max_new_tokens={MAX_TOKENS}, {args.steps} steps each, "
+          f"torch threads={args.threads}")
     print(f"(a) TRL GRPOTrainer: {a:.3f} s/step   (b) cotune weight stage: {b:.3f} s/step")
     print(f"ratio (b)/(a) = {b / a:.2f}")
 

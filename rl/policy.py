@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -130,6 +131,7 @@ class Policy:
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
         self.max_positions: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self._adapter_hash = self.adapter_hash()
+        self._encode_cached = functools.lru_cache(maxsize=4096)(self._encode_uncached)
         self.engine = BatchedEngine(self, **self.engine_options)
 
     def __deepcopy__(self, memo: dict) -> Policy:
@@ -227,11 +229,18 @@ class Policy:
         return PolicyLM(model=self.model_string, engine=self.engine, **kwargs)
 
     def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Prompt token ids for chat ``messages`` with the generation prompt, as the engine feeds them."""
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        """Prompt token ids for chat ``messages`` with the generation prompt, as the engine feeds them.
+
+        Memoised on the messages' text: a rollout batch sends each prompt G times, and tokenizing is pure.
+        """
+        return list(self._encode_cached(tuple((m["role"], m["content"]) for m in messages)))
+
+    def _encode_uncached(self, messages: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+        chat = [{"role": role, "content": content} for role, content in messages]
+        ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
         if not isinstance(ids, list):
             ids = ids["input_ids"]
-        return list(ids)
+        return tuple(ids)
 
     # --- weights --------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -112,6 +113,18 @@ def _short(example: dspy.Example, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A long-lived thread pool per size: starting 64 threads every step costs more than a tiny model's step."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"cotune-rollout{workers}")
+        return _POOLS[workers]
+
+
 def run_rollouts(
     program: dspy.Module,
     examples: Sequence[dspy.Example],
@@ -175,5 +188,7 @@ def run_rollouts(
     workers = max(1, min(num_threads, len(jobs)))
     if workers < len(jobs):  # callers beyond the pool size cannot be waited for: declare only as many as run at once
         declared = contextlib.nullcontext(lambda: None)
-    with declared as done, ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(run, jobs))
+    with declared as done:
+        if workers == 1:
+            return [run(job) for job in jobs]
+        return list(_pool(workers).map(run, jobs))
