@@ -20,6 +20,7 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/cotune model build tiny
+	$(PY) -m experiments.weight_demo
 
 test: install
 	$(PY) -m ruff check .

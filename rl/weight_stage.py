@@ -222,7 +222,10 @@ def train_weights(
                 callback(metrics)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.3g}")
+                shown = {"reward": f"{metrics['reward_mean']:.3f}"}
+                if "kl" in metrics:
+                    shown["kl"] = f"{metrics['kl']:.3g}"
+                bar.set_postfix(shown)
             if ckpt_root is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 save_checkpoint(ckpt_root, step + 1, policy, updater, {
                     "cursor": cursor.state(), "history": _finite(history),
