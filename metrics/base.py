@@ -17,6 +17,7 @@ Conventions documented here (other packages rely on them):
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -35,6 +36,22 @@ __all__ = [
 
 ERROR_KEY = "cotune_error"
 """Key set on a prediction whose program run failed; its value is a short error string."""
+
+
+class PicklableLock:
+    """Mixin for objects that guard counters with ``self._lock``: pickling drops the lock, unpickling makes a new one.
+
+    Why: rubrics and judges must cross process boundaries (multi-process evaluation) but a lock cannot.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 class _Missing:

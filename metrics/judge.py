@@ -20,7 +20,7 @@ from typing import Any
 
 import dspy
 
-from metrics.base import ERROR_KEY, MISSING, ComponentResult, get_field, input_items
+from metrics.base import ERROR_KEY, MISSING, ComponentResult, PicklableLock, get_field, input_items
 from metrics.errors import JudgeError, RubricConfigError
 from metrics.parsing import parse_number
 
@@ -39,7 +39,7 @@ class JudgeSignature(dspy.Signature):
     score: str = dspy.OutputField(desc="one number within the scale, nothing else")
 
 
-class LMJudge:
+class LMJudge(PicklableLock):
     """Rubric component scoring a prediction with an LM judge; the justification becomes the feedback.
 
     The judge's score is the first number in its ``score`` field ("4/5" reads as 4), mapped from ``scale`` to
@@ -199,15 +199,6 @@ class LMJudge:
         return value, justification
 
     # ----------------------------------------------------------------- pickling / repr
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
     def __repr__(self) -> str:
         return f"LMJudge({self.criterion!r:.60}, name={self.name!r}, field={self.field!r}, scale={self.scale})"
 

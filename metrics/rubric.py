@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from metrics.adapters import DspyMetric, GepaMetric
-from metrics.base import Score, coerce_result, short_repr
+from metrics.base import PicklableLock, Score, coerce_result, short_repr
 from metrics.components import Custom
 from metrics.errors import ComponentError, RubricConfigError
 
@@ -70,7 +70,7 @@ def _as_component(obj: Any, name: str | None = None) -> Any:
     raise RubricConfigError(f"rubric components must be callables, got {type(obj).__name__}: {obj!r:.60}")
 
 
-class Rubric:
+class Rubric(PicklableLock):
     """A weighted set of named components scoring ``(example, prediction, trace)`` in ``[0, 1]``.
 
     Args:
@@ -318,15 +318,6 @@ class Rubric:
         return GepaMetric(self)
 
     # ----------------------------------------------------------------- pickling / repr
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={self._weights[n]:g}" for n in self._components)
         return (f"Rubric({self.name!r}: {parts}, normalize={self.normalize}, gates={self._gates}, "
