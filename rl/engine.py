@@ -192,6 +192,9 @@ class BatchedEngine:
         self.max_wait_s = max_wait_ms / 1000.0
         self.default_max_tokens = default_max_tokens
         self.calls: deque[LMCall] = deque(maxlen=history_size)
+        # Monotonic totals since the engine started (budgets are charged from these, never from the bounded deque).
+        self.counters = {"calls": 0, "input_tokens": 0, "output_tokens": 0}
+        self._count_lock = threading.Lock()
         self.batch_sizes: deque[int] = deque(maxlen=history_size)
         self._seed_rng = torch.Generator().manual_seed(seed)
         self._seed_lock = threading.Lock()
@@ -285,6 +288,10 @@ class BatchedEngine:
             tag=recorders[-1].tag if recorders else None,
         )
         self.calls.append(call)
+        with self._count_lock:
+            self.counters["calls"] += 1
+            self.counters["input_tokens"] += len(result.prompt_ids)
+            self.counters["output_tokens"] += len(result.completion_ids)
         for recorder in recorders:
             recorder.append(call)
         n_in, n_out = len(result.prompt_ids), len(result.completion_ids)
@@ -414,6 +421,8 @@ class BatchedEngine:
         return results
 
     def stats(self) -> dict[str, Any]:
-        """Counters for logging: calls recorded and the mean batch size of recent batches."""
+        """Totals for logging and budgets: calls, input/output tokens, and the mean size of recent batches."""
         sizes = list(self.batch_sizes)
-        return {"calls": len(self.calls), "batches": len(sizes), "mean_batch": sum(sizes) / max(1, len(sizes))}
+        with self._count_lock:
+            totals = dict(self.counters)
+        return {**totals, "batches": len(sizes), "mean_batch": sum(sizes) / max(1, len(sizes))}

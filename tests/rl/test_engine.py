@@ -99,6 +99,15 @@ def test_unseeded_sampling_varies(tiny_policy):
     assert len(texts) > 1
 
 
+def test_engine_counts_calls_and_tokens(fresh_policy):
+    before = fresh_policy.engine.stats()
+    response = _ask(fresh_policy, "What is the last digit of 123?", temperature=0.0, max_tokens=30)
+    after = fresh_policy.engine.stats()
+    assert after["calls"] == before["calls"] + 1
+    assert after["input_tokens"] - before["input_tokens"] == response.usage.input_tokens > 0
+    assert after["output_tokens"] - before["output_tokens"] == response.usage.output_tokens > 0
+
+
 def test_max_tokens_and_stop_strings(tiny_policy):
     short = _ask(tiny_policy, "What is the last digit of 123?", temperature=0.0, max_tokens=2)
     assert short.finish_reason == "length" and short.usage.output_tokens == 2
