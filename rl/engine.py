@@ -235,11 +235,6 @@ class BatchedEngine:
                 self._clients -= remaining[0]
                 remaining[0] = 0
 
-    def reseed(self, seed: int) -> None:
-        """Restart the sequence of per-request seeds (for reproducible sampling from a known point)."""
-        with self._seed_lock:
-            self._seed_rng.manual_seed(seed)
-
     # --- DSPy contract ------------------------------------------------------------------------
 
     def complete(self, request: Request) -> Response:

@@ -161,9 +161,6 @@ def run_rollouts(
     # Worker threads start with DSPy's global settings only: carry the caller's dspy.context overrides
     # (open recordings, callbacks, ...) into them, as DSPy's own ParallelExecutor does.
     parent = dict(thread_local_overrides.get())
-    # All rollouts are declared to a batching engine up front, so their calls are generated together.
-    clients = getattr(getattr(lm, "_engine_spec", None), "clients", None)
-    declared = clients(len(jobs)) if clients is not None else contextlib.nullcontext(lambda: None)
 
     def run(job: tuple[int, int]) -> Rollout:
         i, g = job
@@ -186,7 +183,12 @@ def run_rollouts(
         return rollout
 
     workers = max(1, min(num_threads, len(jobs)))
-    if workers < len(jobs):  # callers beyond the pool size cannot be waited for: declare only as many as run at once
+    # All rollouts are declared to a batching engine up front, so their calls are generated together; when the
+    # pool is smaller than the batch, not all of them can be waiting at once, so none are declared.
+    clients = getattr(getattr(lm, "_engine_spec", None), "clients", None)
+    if clients is not None and workers == len(jobs):
+        declared = clients(len(jobs))
+    else:
         declared = contextlib.nullcontext(lambda: None)
     with declared as done:
         if workers == 1:

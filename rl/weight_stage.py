@@ -201,9 +201,10 @@ def train_weights(
             update: dict[str, Any] = {}
             if rows:
                 with policy.lock:
-                    update = updater.step(updater.to_batch(rows))
-                    for _ in range(config.num_iterations - 1):
-                        update = updater.step(updater.to_batch(rows))
+                    # one batch (old log-probs frozen before the first update) for every iteration over these rows
+                    batch = updater.to_batch(rows)
+                    for _ in range(config.num_iterations):
+                        update = updater.step(batch)
                 policy.bump_version()
             t2 = time.perf_counter()
 
