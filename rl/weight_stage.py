@@ -139,6 +139,7 @@ def train_weights(
     monitors: Sequence[StepMonitor] = (),
     progress: bool = True,
     stop_after_steps: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> WeightStageResult:
     """Train ``policy``'s LoRA adapter with GRPO so that ``program`` scores higher under ``metric``.
 
@@ -156,6 +157,7 @@ def train_weights(
             returned in ``result.events``.
         progress: show a progress bar.
         stop_after_steps: end after this many steps *in this call* (the budget is unchanged; used to stage runs).
+        should_stop: asked before each step; ``True`` ends the stage there (e.g. an outer LM-call budget is spent).
 
     Raises:
         TrainsetError: empty trainset or examples without inputs.
@@ -188,6 +190,9 @@ def train_weights(
     bar = _progress(progress, start, total_steps)
     try:
         for step in range(start, end):
+            if should_stop is not None and should_stop():
+                logger.info("weight stage: stopped before step %d by should_stop", step + 1)
+                break
             t0 = time.perf_counter()
             batch = [trainset[i] for i in cursor.take(config.examples_per_step)]
             rollouts = run_rollouts(

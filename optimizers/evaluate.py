@@ -1,0 +1,92 @@
+"""Evaluation of a program on the valset after every stage, with ``dspy.Evaluate`` (threads).
+
+Why a wrapper: ``dspy.Evaluate`` returns one float per example and turns a metric that raises into a silent
+0. We need the rubric's per-component means (for logging), the gold metric on the *same* predictions (for
+the reward-hacking guard), and a clear error when the metric is broken rather than a quietly low score.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+
+from metrics import Rubric
+
+
+class MetricError(ValueError):
+    """The metric raised or returned a non-finite value on a valset example (the example is named)."""
+
+
+@dataclass
+class Evaluation:
+    score: float
+    components: dict[str, float]
+    gold: float | None
+    errors: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _short(example: dspy.Example, limit: int = 100) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in example.inputs().items())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def evaluate(program: dspy.Module, valset: Sequence[dspy.Example], rubric: Rubric, lm: dspy.LM, *,
+             gold_metric: Callable[..., Any] | None = None, num_threads: int = 16,
+             progress: bool = False) -> Evaluation:
+    """Score ``program`` on ``valset`` with ``rubric`` at the LM's settings (temperature 0 for the outer loop).
+
+    A run that fails to parse scores 0 and is counted in ``errors``; a metric that raises or returns NaN raises
+    :class:`MetricError`.
+    """
+    scores: dict[int, Any] = {}
+    problems: list[str] = []
+    lock = threading.Lock()
+
+    def metric(example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> float:
+        try:
+            score = rubric(example, prediction, trace)
+            value = float(score.value)
+            if not math.isfinite(value):
+                raise ValueError(f"returned {value}")
+        except Exception as exc:  # noqa: BLE001 - reported below with the example named
+            with lock:
+                problems.append(f"on example ({_short(example)}): {type(exc).__name__}: {exc}")
+            return 0.0
+        with lock:
+            scores[id(example)] = score
+        return value
+
+    evaluator = dspy.Evaluate(devset=list(valset), metric=metric, num_threads=num_threads,
+                              display_progress=progress, max_errors=len(valset) + 1, failure_score=0.0,
+                              provide_traceback=False)
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        result = evaluator(program)
+    if problems:
+        raise MetricError(f"the metric failed on {len(problems)} of {len(valset)} valset examples, first "
+                          f"{problems[0]}; fix the metric (it must return a finite number or a Score)")
+
+    components: dict[str, list[float]] = defaultdict(list)
+    values, gold_values, rows, errors = [], [], [], 0
+    for example, prediction, _ in result.results:
+        score = scores.get(id(example))
+        if score is None:  # the program raised (e.g. a parse failure): Evaluate's failure score
+            errors += 1
+            values.append(0.0)
+        else:
+            values.append(float(score.value))
+            for name, value in score.components.items():
+                components[name].append(float(value))
+        if gold_metric is not None:
+            gold_values.append(float(gold_metric(example, prediction, None)) if score is not None else 0.0)
+        rows.append({"inputs": dict(example.inputs()), "outputs": dict(prediction.items()) if prediction else {},
+                     "score": values[-1]})
+    return Evaluation(score=statistics.fmean(values), components={k: statistics.fmean(v) for k, v in components.items()},
+                      gold=statistics.fmean(gold_values) if gold_values else None, errors=errors, rows=rows)

@@ -1,0 +1,541 @@
+"""``optimize()``: the outer loop that alternates prompt and weight stages under one metric. Reads top to bottom.
+
+validate inputs -> prepare the run folder -> evaluate the untuned program (stage 0) -> for each stage of the
+schedule: give it its share of the remaining budget, run it (``p``: a DSPy prompt optimizer on the current
+adapter; ``w``: GRPO on the LoRA adapter with the current prompts; ``s``: fine-tune on the program's own
+successful traces), evaluate on the valset, save the stage (program state + adapter + record), keep the best
+-> restore the best adapter, save ``best/`` and ``last/`` bundles.
+
+Carry-over is explicit: every stage starts from the previous stage's program (instructions, demos) and the
+policy's current adapter, so a weight stage trains on the prompts actually in use and a prompt stage searches
+with the weights actually in use.
+
+Run folder (``output_dir``)::
+
+    run.json                   status (running / completed / failed), params, finished stages
+    stages/<i>-<stage>/        program.json, adapter/, record.json, predictions.jsonl (+ checkpoints/ for w)
+    best/  last/               bundles (manifest.json, program.json, adapter/) -- see optimizers.result
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dspy
+import numpy as np
+import torch
+
+from metrics import as_rubric
+from metrics.guards import GoldGuard
+from optimizers.budget import Budget, BudgetError, Meter, Spend, fit_prompt_config
+from optimizers.callbacks import OptimizeCallback
+from optimizers.evaluate import evaluate
+from optimizers.prompt_stage import PromptStageConfig, run_prompt_stage
+from optimizers.result import (
+    ADAPTER,
+    MANIFEST,
+    PROGRAM,
+    OptimizeResult,
+    RunInfo,
+    StageRecord,
+    build_manifest,
+    save_program,
+    write_json,
+)
+from optimizers.schedule import arm_of, format_schedule, parse_schedule
+from rl.atomic import atomic_dir
+from rl.config import WeightStageConfig
+from rl.self_train import SelfTrainConfig, self_train
+from rl.weight_stage import _check_trainset, train_weights
+
+logger = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+
+class OptimizeError(ValueError):
+    """``optimize()`` was called with inputs it cannot run on (the message names the argument and the fix)."""
+
+
+class OutputDirError(OptimizeError):
+    """The output folder holds something this run must not overwrite."""
+
+
+def optimize(
+    program: dspy.Module,
+    trainset: Sequence[dspy.Example],
+    valset: Sequence[dspy.Example] | None = None,
+    *,
+    metric: Callable[..., Any],
+    policy: Any,
+    schedule: str = "p -> w -> p",
+    prompt: PromptStageConfig | dict | None = None,
+    weights: WeightStageConfig | dict | None = None,
+    self_training: SelfTrainConfig | dict | None = None,
+    budget: Budget | int | dict | None = None,
+    teleprompter: Any | None = None,
+    prompt_lm: dspy.LM | None = None,
+    reflection_lm: dspy.LM | None = None,
+    gold_metric: Callable[..., Any] | None = None,
+    seed: int = 0,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    eval_threads: int = 16,
+    eval_max_tokens: int | None = None,
+    progress: bool = True,
+    callbacks: Sequence[OptimizeCallback] = (),
+    tags: dict[str, Any] | None = None,
+) -> OptimizeResult:
+    """Co-optimize the prompts and the LoRA weights of ``program`` under one metric.
+
+    Args:
+        program: any DSPy module; it is not modified.
+        trainset: examples the stages learn from (``with_inputs`` set).
+        valset: examples every stage is evaluated on (required: the best stage is chosen on it).
+        metric: a :class:`metrics.Rubric` or any DSPy metric ``(example, pred, trace=None)``; it drives every stage.
+        policy: the :class:`rl.Policy` the program runs on; its adapter is trained in place.
+        schedule: stages joined by ``->``: ``p`` prompt optimization, ``w`` GRPO, ``s`` fine-tune on own traces.
+        prompt: :class:`PromptStageConfig` (or a dict of its fields) for ``p`` stages.
+        weights: :class:`rl.WeightStageConfig` (or dict) for ``w`` stages.
+        self_training: :class:`rl.self_train.SelfTrainConfig` (or dict) for ``s`` stages.
+        budget: limit for the whole run in rollouts (int) or ``{"rollouts": R, "lm_calls": C}``; each stage gets
+            an equal share of what is left. ``None``: each stage's own config decides.
+        teleprompter: any DSPy teleprompter instance to use for ``p`` stages instead of ``prompt.optimizer``.
+        prompt_lm, reflection_lm: proposer (MIPROv2, SIMBA) and reflection (GEPA) models; default: the policy.
+        gold_metric: a held-out metric no stage optimizes; it is evaluated after each stage and an alert is
+            raised when the metric's val score rises while gold falls (reward hacking).
+        seed: seeds Python, NumPy, torch and every stage.
+        output_dir: run folder (see the module docstring); ``None`` keeps artifacts in a temporary folder.
+        resume: continue the interrupted run in ``output_dir`` (finished stages are reloaded, an interrupted
+            weight stage continues from its last checkpoint).
+        overwrite: replace a previous run in ``output_dir``.
+        eval_threads: parallel program calls during evaluation.
+        eval_max_tokens: max tokens per LM call at evaluation (default: ``weights.max_tokens``).
+        progress: show progress bars.
+        callbacks: :class:`OptimizeCallback` objects (MLflow tracking, Optuna pruning, ...).
+        tags: free-form labels recorded in the params (e.g. ``{"task": "gsm"}``).
+
+    Returns:
+        An :class:`OptimizeResult`: the best program (bound to the policy with the best adapter loaded), the
+        history (baseline + one record per stage), the spend; ``result.save(dir)`` writes a bundle.
+
+    Raises:
+        OptimizeError: bad schedule, empty trainset/valset, missing valset, a non-callable metric, bad configs.
+        BudgetError: a budget too small for one step of a stage.
+        OutputDirError: ``output_dir`` holds another run (pass ``resume=True`` or ``overwrite=True``).
+        optimizers.evaluate.MetricError: the metric raised or returned NaN on a valset example.
+
+    Example:
+        >>> from optimizers import optimize                                        # doctest: +SKIP
+        >>> from programs.embedded import tiny_policy
+        >>> from programs.tasks import last_digit
+        >>> result = optimize(                                                     # doctest: +SKIP
+        ...     last_digit.predict_program(), last_digit.load("train", 64), last_digit.load("val", 64),
+        ...     metric=last_digit.correct, policy=tiny_policy(), schedule="p -> w",
+        ...     weights={"learning_rate": 1e-3, "max_tokens": 16}, budget=1200, output_dir="runs/demo")
+        >>> [(r.name, round(r.val_score, 2)) for r in result.history]             # doctest: +SKIP
+        [('0-baseline', 0.42), ('1-p', 0.97), ('2-w', 1.0)]
+        >>> answer = result.program(number="1234567").answer                      # doctest: +SKIP
+    """
+    stages = _parse(schedule)
+    trainset, valset = _check_data(trainset, valset)
+    if not callable(metric):
+        raise OptimizeError(f"metric must be a Rubric or a callable (example, pred, trace=None), "
+                            f"got {type(metric).__name__}")
+    if policy is None or not hasattr(policy, "lm"):
+        raise OptimizeError("policy must be an rl.Policy (e.g. Policy.from_pretrained(path) or "
+                            "programs.embedded.tiny_policy())")
+    rubric = as_rubric(metric)
+    prompt_cfg = _coerce(prompt, PromptStageConfig, "prompt", seed=seed)
+    weights_cfg = _coerce(weights, WeightStageConfig, "weights", seed=seed)
+    self_cfg = _coerce(self_training, SelfTrainConfig, "self_training", seed=seed)
+    budget = Budget.coerce(budget)
+    _check_budget(stages, budget, weights_cfg, self_cfg)
+
+    params = {
+        "schedule": format_schedule(stages), "arm": arm_of(stages), "seed": seed,
+        "budget": dataclasses.asdict(budget), "prompt": prompt_cfg.__dict__ | {},
+        "teleprompter": type(teleprompter).__name__ if teleprompter is not None else None,
+        "weights": weights_cfg.to_dict(), "self_training": self_cfg.to_dict(), "lora": dataclasses.asdict(policy.lora),
+        "model": policy.name, "base_model": str(policy.base_path), "base_fingerprint": policy.base_fingerprint,
+        "program_class": f"{type(program).__module__}:{type(program).__qualname__}",
+        "n_train": len(trainset), "n_val": len(valset), "gold_metric": gold_metric is not None,
+        "tags": dict(tags or {}),
+    }
+    temp = None
+    if output_dir is None:
+        temp = tempfile.TemporaryDirectory(prefix="cotune-run-")
+        root = Path(temp.name)
+    else:
+        root = Path(output_dir)
+    done = _prepare_output_dir(root, params, resume=resume and temp is None, overwrite=overwrite)
+    run = RunInfo(params=params, output_dir=None if temp else root, stages=stages, arm=params["arm"], seed=seed)
+    _seed_everything(seed)
+
+    loop = _Loop(rubric=rubric, policy=policy, valset=valset, trainset=trainset, run=run, root=root,
+                 callbacks=callbacks, gold=GoldGuard(gold_metric) if gold_metric is not None else None,
+                 eval_threads=eval_threads, eval_max_tokens=eval_max_tokens or weights_cfg.max_tokens,
+                 progress=progress)
+    try:
+        for cb in callbacks:
+            cb.on_run_start(run)
+        current = copy.deepcopy(program)
+        meter = Meter(budget)
+        for index, stage in enumerate(("baseline",) + stages):
+            if index in done:  # resume: reload the finished stage and move on
+                current = loop.restore(index, stage, current, meter)
+                continue
+            for cb in callbacks:
+                cb.on_stage_start(run, index, stage)
+            t0, before = time.perf_counter(), meter.snapshot()
+            details: dict[str, Any] = {}
+            note = ""
+            if stage == "p":
+                current, details, note = loop.prompt_stage(current, prompt_cfg, teleprompter, prompt_lm, reflection_lm,
+                                                           meter, stages_left=len(stages) - index + 1)
+            elif stage == "w":
+                details, note = loop.weight_stage(current, weights_cfg, meter, index, resume,
+                                                  stages_left=len(stages) - index + 1)
+            elif stage == "s":
+                details, note = loop.self_train_stage(current, self_cfg, meter, stages_left=len(stages) - index + 1)
+            loop.finish(index, stage, current, details, note, meter.snapshot() - before, meter.snapshot(),
+                        time.perf_counter() - t0)
+        result = loop.result(program=current, params=params)
+        _set_status(root, "completed", params, sorted(set(done) | set(range(len(stages) + 1))))
+        for cb in callbacks:
+            cb.on_run_end(run, result)
+        return result
+    except BaseException as exc:
+        _set_status(root, "failed", params, sorted(loop.finished), error=f"{type(exc).__name__}: {exc}")
+        for cb in callbacks:
+            try:
+                cb.on_run_error(run, exc)
+            except Exception:  # noqa: BLE001 - the original error matters more than a failing callback
+                logger.exception("callback %r failed in on_run_error", cb)
+        raise
+    finally:
+        if temp is not None:
+            loop.detach_from(root)
+            temp.cleanup()
+
+
+# --- the loop's state and stages ----------------------------------------------------------------
+
+
+class _Loop:
+    """The state carried from stage to stage: history, the best stage so far, the run folder."""
+
+    def __init__(self, *, rubric, policy, valset, trainset, run, root, callbacks, gold, eval_threads,
+                 eval_max_tokens, progress) -> None:
+        self.rubric, self.policy, self.valset, self.trainset = rubric, policy, valset, trainset
+        self.run, self.root, self.callbacks, self.gold = run, root, callbacks, gold
+        self.eval_threads, self.eval_max_tokens, self.progress = eval_threads, eval_max_tokens, progress
+        self.history: list[StageRecord] = []
+        self.best_index = 0
+        self.best_program: dspy.Module | None = None
+        self.finished: set[int] = set()
+
+    def stage_dir(self, index: int, stage: str) -> Path:
+        return self.root / "stages" / f"{index}-{stage}"
+
+    # --- p ----------------------------------------------------------------------------------------
+
+    def prompt_stage(self, current, config, teleprompter, prompt_lm, reflection_lm, meter, stages_left):
+        share = _share(meter.remaining(), stages_left)
+        config = fit_prompt_config(config, share.rollouts, len(self.trainset), len(self.valset))
+        stage_meter = Meter(share)
+        stage_meter.count_only_like(current)
+        lm = stage_meter.lm(self.policy, temperature=0.0, max_tokens=self.eval_max_tokens, cache=False)
+        bar = _bar(self.progress, share.rollouts, f"prompt stage ({type(teleprompter).__name__ if teleprompter else config.optimizer})")
+        stage_meter.on_rollout = (lambda: bar.update(1)) if bar is not None else None
+        note = ""
+        try:
+            with stage_meter.metering():
+                current = run_prompt_stage(current, self.trainset, self.valset, self.rubric, lm=lm, config=config,
+                                           teleprompter=teleprompter, prompt_lm=prompt_lm, reflection_lm=reflection_lm)
+        except Exception as exc:
+            if not stage_meter.exhausted:
+                raise
+            note = f"budget share spent inside the optimizer ({type(exc).__name__}); kept the previous program"
+            logger.warning("prompt stage: %s", note)
+        finally:
+            if bar is not None:
+                bar.close()
+        meter.charge(stage_meter.spent.rollouts, stage_meter.spent.lm_calls)
+        details = {"optimizer": config.optimizer if teleprompter is None else type(teleprompter).__name__,
+                   "config": dataclasses.asdict(config), "share": dataclasses.asdict(share)}
+        return current, details, note
+
+    # --- w ----------------------------------------------------------------------------------------
+
+    def weight_stage(self, current, config, meter, index, resume, stages_left):
+        share = _share(meter.remaining(), stages_left)
+        if share.rollouts is not None:
+            rollouts = share.rollouts - share.rollouts % config.rollouts_per_step  # the budget's share decides
+            if rollouts < config.rollouts_per_step:
+                note = (f"skipped: {share.rollouts} rollouts left for this stage, one GRPO step needs "
+                        f"{config.rollouts_per_step}")
+                logger.warning("weight stage %d %s", index, note)
+                return {"steps": 0}, note
+            config = dataclasses.replace(config, max_rollouts=rollouts)
+        if not config.checkpoint_every:
+            config = dataclasses.replace(config, checkpoint_every=max(1, config.max_steps // 4))
+        config = dataclasses.replace(config, seed=config.seed + index)
+        calls = {"stage": 0, "last_step": 0}
+
+        def on_step(metrics: dict[str, Any]) -> None:
+            calls["stage"] += metrics["lm_calls"]
+            calls["last_step"] = metrics["lm_calls"]
+            for cb in self.callbacks:
+                cb.on_step(self.run, index, metrics)
+
+        def should_stop() -> bool:  # the LM-call share: stop before a step that would overrun it
+            return share.lm_calls is not None and calls["stage"] + calls["last_step"] > share.lm_calls
+
+        result = train_weights(current, self.trainset, self.rubric, self.policy, config,
+                               output_dir=self.stage_dir(index, "w"), resume=resume, callbacks=[on_step],
+                               progress=self.progress, should_stop=should_stop)
+        meter.charge(result.rollouts, result.lm_calls)
+        details = {"steps": result.steps, "config": config.to_dict(), "resumed_from": result.resumed_from,
+                   "history": result.history}
+        return details, ""
+
+    # --- s ----------------------------------------------------------------------------------------
+
+    def self_train_stage(self, current, config, meter, stages_left):
+        share = _share(meter.remaining(), stages_left)
+        if share.rollouts is not None:
+            if share.rollouts < config.num_samples:
+                return {"steps": 0}, f"skipped: {share.rollouts} rollouts left, one example needs {config.num_samples}"
+            config = dataclasses.replace(config, max_rollouts=share.rollouts)
+        result = self_train(current, self.trainset, self.rubric, self.policy, config, progress=self.progress,
+                            callbacks=[lambda m: [cb.on_step(self.run, len(self.history), m) for cb in self.callbacks]])
+        meter.charge(result.rollouts, result.lm_calls)
+        return dataclasses.asdict(result), "" if result.rows else "no successful run to train on; adapter unchanged"
+
+    # --- after every stage ------------------------------------------------------------------------
+
+    def finish(self, index, stage, program, details, note, spend: Spend, total: Spend, seconds: float) -> None:
+        lm = self.policy.lm(temperature=0.0, max_tokens=self.eval_max_tokens, cache=False)
+        ev = evaluate(program, self.valset, self.rubric, lm, gold_metric=self.gold.gold_metric if self.gold else None,
+                      num_threads=self.eval_threads)
+        record = StageRecord(index=index, stage=stage, name=f"{index}-{stage}", val_score=ev.score,
+                             val_components=ev.components, gold_score=ev.gold, val_errors=ev.errors,
+                             spend=spend.to_dict(), total_spend=total.to_dict(), seconds=seconds,
+                             adapter_version=self.policy.version, details=details, note=note)
+        if self.gold is not None and ev.gold is not None:
+            event = self.gold.check(record.name, ev.score, ev.gold)
+            if event is not None:
+                record.events.append(event.message)
+                logger.warning("reward-hacking guard after stage %s: %s", record.name, event.message)
+        self._save_stage(record, program, ev.rows)
+        self._add(record, program)
+        logger.info("stage %s: val %.3f (spend %s, total %s)", record.name, ev.score, spend.to_dict(), total.to_dict())
+        if self.progress:
+            print(f"[cotune] stage {record.name}: val {ev.score:.3f}"
+                  + (f" gold {ev.gold:.3f}" if ev.gold is not None else "")
+                  + f" | spent {total.rollouts} rollouts, {total.lm_calls} LM calls", flush=True)
+        for cb in self.callbacks:
+            cb.on_stage_end(self.run, record)
+
+    def _save_stage(self, record: StageRecord, program, rows) -> None:
+        with atomic_dir(self.stage_dir(record.index, record.stage)) as tmp:
+            save_program(program, tmp / PROGRAM)
+            self.policy.save_adapter(tmp / ADAPTER)
+            (tmp / "predictions.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+            write_json(tmp / "record.json", record.to_dict())
+            old = self.stage_dir(record.index, record.stage) / "checkpoints"
+            if old.exists():  # keep the weight stage's checkpoints with the finished stage
+                shutil.copytree(old, tmp / "checkpoints")
+        self.finished.add(record.index)
+        _set_status(self.root, "running", self.run.params, sorted(self.finished))
+
+    def _add(self, record: StageRecord, program) -> None:
+        self.history.append(record)
+        if self.best_program is None or record.val_score > self.history[self.best_index].val_score:
+            self.best_index = len(self.history) - 1
+            self.best_program = copy.deepcopy(program)
+            self._write_bundle("best", record.index, record.stage)
+
+    def _write_bundle(self, name: str, index: int, stage: str) -> None:
+        src = self.stage_dir(index, stage)
+        with atomic_dir(self.root / name) as tmp:
+            shutil.copy2(src / PROGRAM, tmp / PROGRAM)
+            shutil.copytree(src / ADAPTER, tmp / ADAPTER)
+            write_json(tmp / MANIFEST, build_manifest(self.run.params, self.history, self.best_index, self.policy))
+
+    def restore(self, index: int, stage: str, current, meter: Meter):
+        """Reload a stage finished by an earlier (interrupted) run: its program, adapter, record and spend."""
+        src = self.stage_dir(index, stage)
+        record = StageRecord(**json.loads((src / "record.json").read_text()))
+        current = copy.deepcopy(current)
+        current.load(str(src / PROGRAM))
+        self.policy.load_adapter(src / ADAPTER, version=record.adapter_version)
+        meter.charge(record.spend.get("rollouts", 0), record.spend.get("lm_calls", 0))
+        self.finished.add(index)
+        self._add(record, current)
+        logger.info("resume: stage %s reloaded (val %.3f)", record.name, record.val_score)
+        return current
+
+    def result(self, program, params) -> OptimizeResult:
+        last = self.history[-1]
+        self._write_bundle("last", last.index, last.stage)
+        best = self.history[self.best_index]
+        if best.index != last.index:  # serve the best adapter from the live policy
+            self.policy.load_adapter(self.stage_dir(best.index, best.stage) / ADAPTER)
+        lm = self.policy.lm(temperature=0.0, max_tokens=self.eval_max_tokens, cache=False)
+        best_program = copy.deepcopy(self.best_program)
+        best_program.set_lm(lm)
+        last_program = copy.deepcopy(program)
+        return OptimizeResult(program=best_program, policy=self.policy, history=self.history,
+                              best_index=self.best_index, last_program=last_program, params=params,
+                              output_dir=self.run.output_dir)
+
+    def detach_from(self, root: Path) -> None:
+        """A temporary run folder is about to vanish: the result must not point into it."""
+        self.run.output_dir = None
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _parse(schedule: str) -> tuple[str, ...]:
+    from optimizers.schedule import ScheduleError
+
+    try:
+        return parse_schedule(schedule)
+    except ScheduleError as exc:
+        raise OptimizeError(str(exc)) from exc
+
+
+def _check_data(trainset, valset) -> tuple[list, list]:
+    from rl.weight_stage import TrainsetError
+
+    trainset = list(trainset) if trainset is not None else []
+    try:
+        _check_trainset(trainset)
+    except TrainsetError as exc:
+        raise OptimizeError(f"trainset: {exc}") from exc
+    if valset is None:
+        raise OptimizeError("valset is required: every stage is evaluated on it and the best stage is chosen by it "
+                            "(hold out some examples, e.g. 20% of your data)")
+    valset = list(valset)
+    if not valset:
+        raise OptimizeError("valset is empty: every stage is evaluated on it; pass at least one example")
+    try:
+        _check_trainset(valset)
+    except TrainsetError as exc:
+        raise OptimizeError(f"valset: {str(exc).replace('trainset', 'valset')}") from exc
+    return trainset, valset
+
+
+def _coerce(value, cls, name: str, seed: int):
+    if value is None:
+        value = {}
+    if isinstance(value, dict):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(value) - fields
+        if unknown:
+            raise OptimizeError(f"{name}: unknown setting(s) {sorted(unknown)}; {cls.__name__} has {sorted(fields)}")
+        try:
+            value = cls(**{"seed": seed, **value})
+        except (TypeError, ValueError) as exc:
+            raise OptimizeError(f"{name}: {exc}") from exc
+    if not isinstance(value, cls):
+        raise OptimizeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    return value
+
+
+def _check_budget(stages, budget: Budget, weights: WeightStageConfig, self_cfg: SelfTrainConfig) -> None:
+    """Refuse a budget whose equal share cannot pay for one step of a weight or self-train stage."""
+    if budget.rollouts is None:
+        return
+    share = budget.rollouts // len(stages)
+    for i, stage in enumerate(stages, 1):
+        if stage == "w" and share < weights.rollouts_per_step:
+            raise BudgetError(
+                f"budget of {budget.rollouts} rollouts gives stage {i} (w) a share of {share}, below one GRPO step "
+                f"of {weights.rollouts_per_step} rollouts (examples_per_step={weights.examples_per_step} x "
+                f"num_generations={weights.num_generations}); raise the budget to at least "
+                f"{weights.rollouts_per_step * len(stages)} or make steps smaller")
+        if stage == "s" and share < self_cfg.num_samples:
+            raise BudgetError(f"budget of {budget.rollouts} rollouts gives stage {i} (s) a share of {share}, "
+                              f"below num_samples={self_cfg.num_samples}")
+
+
+def _share(remaining: Budget, stages_left: int) -> Budget:
+    from optimizers.budget import _unchecked_budget
+
+    def part(x: int | None) -> int | None:
+        return None if x is None else x // max(1, stages_left)
+
+    return _unchecked_budget(part(remaining.rollouts), part(remaining.lm_calls))
+
+
+def _params_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _prepare_output_dir(root: Path, params: dict[str, Any], *, resume: bool, overwrite: bool) -> set[int]:
+    """Check the folder; return the indexes of stages already finished (resume)."""
+    if not root.exists() or not any(root.iterdir()):
+        root.mkdir(parents=True, exist_ok=True)
+        _set_status(root, "running", params, [])
+        return set()
+    run_file = root / RUN_FILE
+    if not run_file.exists():
+        if overwrite:
+            raise OutputDirError(f"{str(root)!r} is not empty and is not a cotune run; refusing to delete its "
+                                 "files even with overwrite=True; choose another output_dir")
+        raise OutputDirError(f"{str(root)!r} is not empty and is not a cotune run; choose another output_dir")
+    state = json.loads(run_file.read_text())
+    if resume:
+        if state.get("params_hash") != _params_hash(params):
+            raise OutputDirError(f"{str(root)!r} holds a run with different settings; resume needs the same "
+                                 "arguments (or use overwrite=True / another output_dir)")
+        if state.get("status") == "completed":
+            raise OutputDirError(f"{str(root)!r} holds a completed run; nothing to resume (load it with "
+                                 "optimizers.load, or pass overwrite=True to run again)")
+        done = set(state.get("finished", []))
+        logger.info("resuming %s: stages %s already finished", root, sorted(done))
+        return done
+    if not overwrite:
+        raise OutputDirError(f"{str(root)!r} already holds a run (status {state.get('status')}); pass resume=True "
+                             "to continue it or overwrite=True to replace it")
+    for child in root.iterdir():
+        if child.name in (RUN_FILE, "stages", "best", "last"):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    _set_status(root, "running", params, [])
+    return set()
+
+
+def _set_status(root: Path, status: str, params: dict[str, Any], finished: list[int], error: str | None = None) -> None:
+    if not root.exists():
+        return
+    write_json(root / RUN_FILE, {"status": status, "finished": finished, "params_hash": _params_hash(params),
+                                 "params": params, "error": error, "updated": time.time()})
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _bar(enabled: bool, total: int | None, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rollout")

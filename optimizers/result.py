@@ -1,0 +1,319 @@
+"""What ``optimize()`` returns and leaves on disk: stage records, the result, save / load / export.
+
+A saved bundle is a plain folder that outlives cotune's Python objects::
+
+    manifest.json        base model + fingerprint, schedule, budget and spend, val score per stage, versions, seed
+    program.json         the optimized program's DSPy state (instructions, demos): ``program.load(...)``
+    adapter/             a standard PEFT folder (adapter_config.json + adapter_model.safetensors)
+    merged/              (export --merged only) the adapter merged into full weights, a plain HF model folder
+
+The adapter folder loads unchanged with ``peft.PeftModel.from_pretrained(base, "adapter")`` and with vLLM::
+
+    vllm serve BASE_MODEL --enable-lora --max-lora-rank R --lora-modules cotune=BUNDLE/adapter
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from rl.atomic import atomic_dir
+
+MANIFEST = "manifest.json"
+PROGRAM = "program.json"
+ADAPTER = "adapter"
+LIBRARIES = ("cotune", "dspy", "torch", "transformers", "peft", "trl", "optuna", "mlflow")
+
+
+class LoadError(ValueError):
+    """A folder that is not a cotune bundle or run, or a program that cannot be rebuilt from it."""
+
+
+@dataclass
+class RunInfo:
+    """What callbacks learn about a run: its configuration and where it writes."""
+
+    params: dict[str, Any]
+    output_dir: Path | None
+    stages: tuple[str, ...]
+    arm: str
+    seed: int
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run and its evaluation on the valset.
+
+    Attributes:
+        index: 0 for the untuned baseline, then 1..n in schedule order.
+        stage: ``"baseline"``, ``"p"``, ``"w"`` or ``"s"``.
+        name: ``"0-baseline"``, ``"1-p"``, ``"2-w"``...
+        val_score: mean rubric value on the valset (0..1).
+        val_components: mean of each rubric component on the valset.
+        gold_score: mean gold metric on the valset (when a gold metric was given).
+        spend: rollouts and LM calls this stage spent; ``total_spend`` is cumulative after it.
+        adapter_version: the policy's adapter version after the stage.
+        details: stage-specific results (optimizer, weight-stage history, kept traces...).
+        events: reward-hacking / guard alerts raised during or after the stage.
+    """
+
+    index: int
+    stage: str
+    name: str
+    val_score: float
+    val_components: dict[str, float] = field(default_factory=dict)
+    gold_score: float | None = None
+    val_errors: int = 0
+    spend: dict[str, int] = field(default_factory=dict)
+    total_spend: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    adapter_version: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass
+class OptimizeResult:
+    """The outcome of ``optimize()``.
+
+    Attributes:
+        program: the best program (by val score), bound to the policy LM at temperature 0 and with the best
+            adapter loaded into ``policy``.
+        policy: the :class:`rl.Policy` (holding the best adapter after the run).
+        history: one :class:`StageRecord` for the baseline, then one per stage.
+        best_index: index into ``history`` of the best stage.
+        last_program: the program after the last stage (its adapter is ``output_dir/last/adapter``).
+        params: the run's full configuration (what the manifest records).
+        output_dir: the run folder (``None`` when run without one).
+    """
+
+    program: dspy.Module
+    policy: Any
+    history: list[StageRecord]
+    best_index: int
+    last_program: dspy.Module
+    params: dict[str, Any]
+    output_dir: Path | None = None
+
+    @property
+    def best(self) -> StageRecord:
+        return self.history[self.best_index]
+
+    @property
+    def val_score(self) -> float:
+        """The best val score (what the returned ``program`` scores)."""
+        return self.best.val_score
+
+    @property
+    def spend(self) -> dict[str, int]:
+        return dict(self.history[-1].total_spend)
+
+    def manifest(self) -> dict[str, Any]:
+        return build_manifest(self.params, self.history, self.best_index, self.policy)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the best program + adapter + manifest as a bundle (see the module docstring)."""
+        out = Path(path)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True to replace it")
+        with atomic_dir(out) as tmp:
+            save_program(self.program, tmp / PROGRAM)
+            self.policy.save_adapter(tmp / ADAPTER)
+            write_json(tmp / MANIFEST, self.manifest())
+        return out
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2))
+    os.replace(tmp, path)
+
+
+def save_program(program: dspy.Module, path: Path) -> None:
+    """The program's DSPy state as JSON, without the (unserializable) policy LM bound to its predictors."""
+    unbound = copy.deepcopy(program)
+    for _, predictor in unbound.named_predictors():
+        predictor.lm = None
+    unbound.save(str(path))
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_manifest(params: dict[str, Any], history: list[StageRecord], best_index: int, policy: Any) -> dict[str, Any]:
+    last = history[-1]
+    return _jsonable({
+        "format": "cotune-bundle/1",
+        "base_model": str(policy.base_path),
+        "base_fingerprint": policy.base_fingerprint,
+        "lora": asdict(policy.lora),
+        "schedule": params.get("schedule"),
+        "arm": params.get("arm"),
+        "seed": params.get("seed"),
+        "budget": params.get("budget"),
+        "spent": last.total_spend,
+        "best_stage": history[best_index].name,
+        "val_scores": {r.name: r.val_score for r in history},
+        "gold_scores": {r.name: r.gold_score for r in history if r.gold_score is not None},
+        "program_class": params.get("program_class"),
+        "params": params,
+        "versions": library_versions(),
+    })
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; NaN/inf become None, unknown objects their repr."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return repr(value)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(bundle folder, manifest) for a bundle, or for a run folder (its ``best/`` bundle)."""
+    root = Path(path)
+    if not root.exists():
+        raise LoadError(f"{str(root)!r} does not exist")
+    for candidate in (root, root / "best"):
+        if (candidate / MANIFEST).exists():
+            return candidate, json.loads((candidate / MANIFEST).read_text())
+    raise LoadError(f"{str(root)!r} holds no {MANIFEST}: not a cotune bundle or finished run "
+                    "(an interrupted run can be continued with optimize(..., resume=True))")
+
+
+def _program_from_class(path: str | None) -> dspy.Module:
+    if not path or ":" not in path:
+        raise LoadError("the manifest does not name an importable program class; pass program=YourProgram()")
+    module, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj()
+    except Exception as exc:  # noqa: BLE001 - any failure means: the user must build the program
+        raise LoadError(f"cannot rebuild program {path!r} without arguments ({exc}); pass program=YourProgram()") from exc
+
+
+def load(path: str | os.PathLike, *, program: dspy.Module | None = None, base_model: str | os.PathLike | None = None,
+         temperature: float = 0.0, max_tokens: int | None = None, **policy_kwargs: Any) -> dspy.Module:
+    """A runnable program from a bundle or run folder: base model + adapter + optimized prompts.
+
+    Args:
+        path: a bundle written by :meth:`OptimizeResult.save` / ``cotune export``, or a run's ``output_dir``.
+        program: an instance of the program's class (its state is loaded into a copy); needed unless the class
+            can be built without arguments.
+        base_model: the base model folder, when it moved since the run (the fingerprint is checked).
+        temperature, max_tokens: settings of the LM bound to the program's predictors.
+        policy_kwargs: passed to :meth:`rl.Policy.from_pretrained` (device, dtype, ...).
+
+    Returns:
+        The program with every predictor bound to the policy LM (``program.policy`` holds the policy).
+
+    Example:
+        >>> from optimizers import load                                                   # doctest: +SKIP
+        >>> program = load("runs/quickstart/best", program=last_digit.predict_program())  # doctest: +SKIP
+        >>> program(number="120344").answer                                               # doctest: +SKIP
+    """
+    from rl.policy import Policy
+
+    bundle, manifest = read_manifest(path)
+    base = Path(base_model) if base_model is not None else Path(manifest["base_model"])
+    policy = Policy.from_pretrained(base, adapter=bundle / ADAPTER, **policy_kwargs)
+    if policy.base_fingerprint != manifest.get("base_fingerprint"):
+        raise LoadError(f"base model {str(base)!r} is not the one the adapter was trained on "
+                        f"(fingerprint {policy.base_fingerprint[:12]} != {str(manifest.get('base_fingerprint'))[:12]})")
+    module = copy.deepcopy(program) if program is not None else _program_from_class(manifest.get("program_class"))
+    module.load(str(bundle / PROGRAM))
+    lm_kwargs: dict[str, Any] = {"temperature": temperature, "cache": False}
+    if max_tokens is not None:
+        lm_kwargs["max_tokens"] = max_tokens
+    module.set_lm(policy.lm(**lm_kwargs))
+    module.policy = policy
+    return module
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike, *, merged: bool = False, overwrite: bool = False) -> Path:
+    """Write a stand-alone bundle from a run or bundle; ``merged=True`` adds the adapter merged into full weights.
+
+    The merged folder is a plain HF model (safetensors + tokenizer) that needs neither peft nor cotune.
+    """
+    bundle, manifest = read_manifest(path)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True (--overwrite) to replace it")
+    with atomic_dir(out) as tmp:
+        shutil.copytree(bundle / ADAPTER, tmp / ADAPTER)
+        shutil.copy2(bundle / PROGRAM, tmp / PROGRAM)
+        write_json(tmp / MANIFEST, {**manifest, "merged": "merged" if merged else None})
+        if merged:
+            _write_merged(Path(manifest["base_model"]), bundle / ADAPTER, tmp / "merged")
+        (tmp / "README.md").write_text(_bundle_readme(manifest, merged))
+    return out
+
+
+def _write_merged(base: Path, adapter: Path, out: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not base.exists():
+        raise LoadError(f"base model {str(base)!r} (from the manifest) does not exist; cannot merge")
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, local_files_only=True)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base, local_files_only=True).save_pretrained(out)
+
+
+def _bundle_readme(manifest: dict[str, Any], merged: bool) -> str:
+    rank = manifest.get("lora", {}).get("r", 16)
+    lines = [
+        "# cotune bundle", "",
+        f"Base model: `{manifest['base_model']}` (fingerprint `{str(manifest.get('base_fingerprint'))[:12]}`)",
+        f"Schedule: `{manifest.get('schedule')}`; best stage `{manifest.get('best_stage')}`; "
+        f"val scores {manifest.get('val_scores')}", "",
+        "Load in Python:", "```python",
+        "from optimizers import load",
+        "program = load('.', program=YourProgram())", "```", "",
+        "Load the adapter with PEFT:", "```python",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, 'adapter')", "```", "",
+        "Serve with vLLM (the DSPy program then uses `dspy.LM('openai/cotune', api_base=...)`):", "```",
+        f"vllm serve {manifest['base_model']} --enable-lora --max-lora-rank {rank} --lora-modules cotune=adapter",
+        "```",
+    ]
+    if merged:
+        lines += ["", "`merged/` is a plain HF model folder with the adapter merged in: `vllm serve merged`."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,175 @@
+"""The ``s`` stage: fine-tune the adapter on the program's own successful traces (BootstrapFinetune style).
+
+Sample the whole program a few times per training example, keep the runs the metric accepts, and train the
+LoRA adapter to reproduce every LM call of those runs (prompt -> completion, on the exact token ids the
+engine recorded, so training sees the prompts actually used).
+
+Why through the GRPO updater: with every row's advantage fixed at 1 and no clipping active (one pass per
+batch), TRL's GRPO loss is the mean token log-likelihood of the completions, i.e. supervised fine-tuning.
+Reusing :class:`rl.grpo.GRPOUpdater` keeps one training seam (TRL's loss, micro-batching, LoRA, the
+optimizer) instead of a second hand-written loop. This is rejection-sampling fine-tuning (STaR/RFT), which
+is what DSPy's BootstrapFinetune does with an external fine-tuning API.
+
+Example:
+    >>> result = self_train(program, trainset, metric, policy, SelfTrainConfig(num_samples=4))  # doctest: +SKIP
+    >>> result.rows, result.history[-1]["loss"]                                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+
+from rl.advantages import Row
+from rl.config import WeightStageConfig
+from rl.grpo import GRPOUpdater
+from rl.rollouts import run_rollouts
+from rl.weight_stage import _check_trainset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SelfTrainConfig:
+    """Settings of an ``s`` stage.
+
+    Example:
+        >>> SelfTrainConfig(num_samples=4, max_rollouts=64).examples
+        16
+    """
+
+    num_samples: int = field(default=4, metadata={"help": "program runs per training example"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the runs"})
+    success_threshold: float = field(default=1.0, metadata={"help": "a run is kept when its reward >= this"})
+    epochs: int = 2
+    batch_size: int = field(default=32, metadata={"help": "rows (LM calls) per optimizer step"})
+    micro_batch_size: int = 16
+    learning_rate: float = 1e-4
+    max_tokens: int = 128
+    num_threads: int = 64
+    max_rollouts: int = field(default=256, metadata={"help": "budget: program executions in this stage"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "epochs", "batch_size", "micro_batch_size", "max_tokens", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_rollouts < self.num_samples:
+            raise ValueError(f"max_rollouts={self.max_rollouts} is below num_samples={self.num_samples}: "
+                             "not one example can be sampled")
+
+    @property
+    def examples(self) -> int:
+        """Training examples sampled within the budget."""
+        return self.max_rollouts // self.num_samples
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SelfTrainResult:
+    rollouts: int
+    lm_calls: int
+    kept_rollouts: int
+    rows: int
+    steps: int
+    adapter_version: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def self_train(
+    program: dspy.Module,
+    trainset: Sequence[dspy.Example],
+    metric: Callable,
+    policy,
+    config: SelfTrainConfig | None = None,
+    *,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    progress: bool = True,
+) -> SelfTrainResult:
+    """Sample ``program`` on ``trainset``, keep the runs ``metric`` accepts, and fine-tune on their LM calls.
+
+    Raises:
+        rl.weight_stage.TrainsetError: empty trainset or examples without inputs.
+        rl.rollouts.RewardError: the metric raised or returned NaN.
+    """
+    config = config or SelfTrainConfig()
+    _check_trainset(trainset)
+    rng = random.Random(f"self-train/{config.seed}")
+    n = min(len(trainset), config.examples)
+    examples = [trainset[i] for i in rng.sample(range(len(trainset)), n)]
+    lm = policy.lm(temperature=config.temperature, max_tokens=config.max_tokens, cache=False)
+    rollouts = run_rollouts(program, examples, lm, metric, config.num_samples, num_threads=config.num_threads,
+                            tag=("self-train", config.seed))
+    kept = [r for r in rollouts if r.error is None and r.reward >= config.success_threshold]
+    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    rows: list[Row] = []
+    for r in kept:
+        for call in r.calls:
+            key = (tuple(call.prompt_ids), tuple(call.completion_ids))
+            if key in seen or not call.completion_ids:
+                continue
+            seen.add(key)
+            rows.append(Row(prompt_ids=key[0], completion_ids=key[1], advantage=1.0, reward=r.reward,
+                            group=(r.example_index, "sft"), truncated=call.finish_reason == "length"))
+    lm_calls = sum(len(r.calls) for r in rollouts)
+    logger.info("self-train: %d/%d runs kept, %d distinct LM calls to train on", len(kept), len(rollouts), len(rows))
+    result = SelfTrainResult(rollouts=len(rollouts), lm_calls=lm_calls, kept_rollouts=len(kept), rows=len(rows),
+                             steps=0, adapter_version=policy.version)
+    if not rows:
+        logger.warning("self-train: no run reached success_threshold=%s; the adapter is unchanged",
+                       config.success_threshold)
+        return result
+
+    steps_per_epoch = -(-len(rows) // config.batch_size)
+    # temperature 1 in the loss: the likelihood being maximised is the model's own, not the sampler's
+    updater_config = WeightStageConfig(num_generations=2, examples_per_step=1, max_rollouts=2, temperature=1.0,
+                                       learning_rate=config.learning_rate, micro_batch_size=config.micro_batch_size,
+                                       loss_type="dapo", seed=config.seed)
+    updater = GRPOUpdater(policy, updater_config, steps_per_epoch * config.epochs)
+    bar = _progress(progress, steps_per_epoch * config.epochs)
+    try:
+        for epoch in range(config.epochs):
+            order = random.Random(f"self-train/{config.seed}/{epoch}").sample(rows, len(rows))
+            for start in range(0, len(order), config.batch_size):
+                chunk = order[start : start + config.batch_size]
+                with policy.lock:
+                    update = updater.step(updater.to_batch(chunk))
+                result.steps += 1
+                metrics = {"step": result.steps, "epoch": epoch + 1, "loss": update["loss"],
+                           "grad_norm": update["grad_norm"], "rows": len(chunk),
+                           "kept_rate": len(kept) / len(rollouts),
+                           "reward_mean": statistics.fmean(r.reward for r in rollouts)}
+                result.history.append(metrics)
+                for callback in callbacks:
+                    callback(metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{update['loss']:.3f}")
+        policy.bump_version()
+    finally:
+        if bar is not None:
+            bar.close()
+        updater.close()
+    result.adapter_version = policy.version
+    return result
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="self-train (SFT on own traces)", unit="step")
