@@ -1,0 +1,306 @@
+"""``optimize()`` end to end on the embedded tiny model: stages, budget, evaluation, save / load / export, resume.
+
+The task is ``last_digit``: the untuned program is right ~40% of the time at temperature 0, three demos make it
+right ~100% (headroom for a prompt stage), and GRPO sharpens it too (headroom for a weight stage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import dspy
+import pytest
+import torch
+from dspy.utils import DummyLM
+
+from optimizers import (
+    Budget,
+    BudgetError,
+    MetricError,
+    OptimizeCallback,
+    OptimizeError,
+    OutputDirError,
+    export,
+    optimize,
+)
+from optimizers.budget import Meter, fit_prompt_config
+from optimizers.prompt_stage import PromptStageConfig
+from programs.tasks import last_digit
+
+SEED = 0
+WEIGHTS = {"learning_rate": 1e-3, "max_tokens": 16, "num_generations": 4, "examples_per_step": 4}
+PROMPT = {"num_candidate_programs": 2, "max_bootstrapped_demos": 3, "num_threads": 8}
+
+
+def _data(n_train: int = 24, n_val: int = 24):
+    return last_digit.load("train", n_train, seed=SEED), last_digit.load("val", n_val, seed=SEED)
+
+
+def _run(policy, tmp_path=None, schedule="p -> w", budget=400, **kwargs):
+    train, val = _data()
+    return optimize(last_digit.predict_program(), train, val, metric=last_digit.correct, policy=policy,
+                    schedule=schedule, prompt=kwargs.pop("prompt", PROMPT), weights=kwargs.pop("weights", WEIGHTS),
+                    budget=budget, seed=SEED, output_dir=tmp_path, progress=False, eval_threads=8, **kwargs)
+
+
+# --- bad input: each a clear error, before any model call ------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(schedule="p -> x"), OptimizeError, "unknown stage 'x'"),
+    (dict(schedule="  "), OptimizeError, "schedule is empty"),
+    (dict(schedule="p -> -> w"), OptimizeError, "step 2 .* is empty"),
+    (dict(trainset=[]), OptimizeError, "trainset: the trainset is empty"),
+    (dict(valset=None), OptimizeError, "valset is required"),
+    (dict(valset=[]), OptimizeError, "valset is empty"),
+    (dict(trainset=[dspy.Example(question="q", answer="1")]), OptimizeError, "no input fields"),
+    (dict(metric="exact"), OptimizeError, "metric must be"),
+    (dict(budget=10), BudgetError, "below one GRPO step of 16 rollouts"),
+    (dict(budget=0), BudgetError, "positive integer"),
+    (dict(budget={"rolouts": 5}), BudgetError, "unknown budget keys"),
+    (dict(weights={"lr": 1e-3}), OptimizeError, "weights: unknown setting.*'lr'"),
+    (dict(weights={"num_generations": 1}), OptimizeError, "num_generations .* must be >= 2"),
+    (dict(prompt={"optimizer": "copro"}), OptimizeError, "unknown optimizer 'copro'"),
+])
+def test_bad_input_is_a_clear_error(tiny_policy, kwargs, error, match):
+    train, val = _data(4, 4)
+    args = dict(trainset=train, valset=val, metric=last_digit.correct, schedule="p -> w", budget=400)
+    args.update(kwargs)
+    version = tiny_policy.version
+    with pytest.raises(error, match=match):
+        optimize(last_digit.predict_program(), args.pop("trainset"), args.pop("valset"), policy=tiny_policy,
+                 weights=args.pop("weights", WEIGHTS), prompt=args.pop("prompt", PROMPT), progress=False, **args)
+    assert tiny_policy.version == version
+
+
+def test_output_dir_with_other_files_or_another_run_is_never_overwritten(tiny_policy, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="not a cotune run"):
+        _run(tiny_policy, tmp_path, schedule="p")
+    with pytest.raises(OutputDirError, match="not a cotune run"):
+        _run(tiny_policy, tmp_path, schedule="p", overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"status": "completed", "params_hash": "x", "finished": [0, 1]}))
+    with pytest.raises(OutputDirError, match="already holds a run .*resume=True.*overwrite=True"):
+        _run(tiny_policy, run_dir, schedule="p")
+    with pytest.raises(OutputDirError, match="different settings"):
+        _run(tiny_policy, run_dir, schedule="p", resume=True)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("bad", ["raises", "nan"])
+def test_a_broken_metric_names_the_example_and_the_run_is_marked_failed(tiny_policy, tmp_path, bad):
+    def metric(example, pred, trace=None):
+        if bad == "raises":
+            raise KeyError("answer_text")
+        return float("nan")
+
+    train, val = _data(4, 4)
+    with pytest.raises(Exception, match=r"on example \(question=.*(KeyError|nan)") as info:
+        optimize(last_digit.predict_program(), train, val, metric=metric, policy=tiny_policy, schedule="p",
+                 prompt=PROMPT, output_dir=tmp_path / "run", progress=False)
+    assert isinstance(info.value, (MetricError, ValueError))
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert state["status"] == "failed" and state["error"]
+
+
+# --- budget accounting -------------------------------------------------------------------------------------
+
+
+def test_meter_counts_program_runs_and_refuses_past_the_limit(tiny_policy):
+    meter = Meter(Budget(rollouts=3))
+    program = last_digit.predict_program()
+    meter.count_only_like(program)
+    lm = meter.lm(tiny_policy, temperature=0.0, max_tokens=8, cache=False)
+    with meter.metering(), dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        for ex in last_digit.load("val", 3, seed=SEED):
+            program(**ex.inputs())
+        from optimizers import BudgetExhausted
+
+        with pytest.raises(BudgetExhausted, match="3 program executions"):
+            program(**last_digit.load("val", 4, seed=SEED)[3].inputs())
+        other = dspy.Predict("text -> summary")  # a different module (e.g. a proposer) is not a rollout
+        with meter.paused():
+            program(**last_digit.load("val", 1, seed=SEED)[0].inputs())  # evaluation: not charged
+    assert (meter.spent.rollouts, meter.spent.lm_calls) == (3, 3)
+    assert meter.exhausted and other is not None
+
+
+def test_fit_prompt_config_sizes_each_optimizer_to_its_share():
+    assert fit_prompt_config(PromptStageConfig("bootstrap_rs", num_candidate_programs=16), 200, 24, 24
+                             ).num_candidate_programs == 2
+    gepa = fit_prompt_config(PromptStageConfig("gepa"), 150, 24, 24)
+    assert (gepa.auto, gepa.max_metric_calls) == (None, 150)
+    assert fit_prompt_config(PromptStageConfig("mipro"), 200, 24, 24).num_trials == 6
+    assert fit_prompt_config(PromptStageConfig("bootstrap_rs"), None, 24, 24) == PromptStageConfig("bootstrap_rs")
+
+
+def test_a_prompt_stage_that_hits_its_share_keeps_the_previous_program(fresh_policy):
+    # 30 rollouts cannot even score one candidate on 24 val examples twice: the meter stops the optimizer
+    result = _run(fresh_policy, schedule="p", budget=30,
+                  prompt={"num_candidate_programs": 4, "max_bootstrapped_demos": 3, "num_threads": 1})
+    baseline, stage = result.history
+    assert stage.spend["rollouts"] == 30 == result.spend["rollouts"]  # spent to the limit, not one run more
+    assert "budget share spent" in stage.note
+    assert stage.val_score == baseline.val_score  # the previous (untuned) program was kept
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+class Recorder(OptimizeCallback):
+    def __init__(self):
+        self.events = []
+
+    def on_run_start(self, run):
+        self.events.append(("start", run.arm))
+
+    def on_stage_start(self, run, index, stage):
+        self.events.append(("stage", index, stage))
+
+    def on_step(self, run, index, metrics):
+        self.events.append(("step", index, metrics["rollouts"]))
+
+    def on_stage_end(self, run, record):
+        self.events.append(("end", record.name))
+
+    def on_run_end(self, run, result):
+        self.events.append(("done", len(result.history)))
+
+
+@pytest.mark.slow
+def test_p_then_w_improves_on_the_untuned_program_within_budget(fresh_policy, tmp_path):
+    recorder = Recorder()
+    result = _run(fresh_policy, tmp_path / "run", budget=400, callbacks=[recorder])
+    names = [r.name for r in result.history]
+    print("val per stage:", [(r.name, round(r.val_score, 3), r.total_spend) for r in result.history])
+    assert names == ["0-baseline", "1-p", "2-w"]  # the baseline, then one entry per stage
+    baseline = result.history[0].val_score
+    assert result.val_score >= baseline and max(r.val_score for r in result.history[1:]) >= baseline
+    assert result.spend["rollouts"] <= 400 and result.spend["rollouts"] == sum(r.spend["rollouts"] for r in result.history)
+    w = result.history[2]
+    assert w.details["steps"] >= 1 and w.adapter_version > result.history[1].adapter_version
+    assert recorder.events[0] == ("start", "joint") and recorder.events[-1] == ("done", 3)
+    assert [e for e in recorder.events if e[0] == "end"] == [("end", n) for n in names]
+    assert sum(e[0] == "step" for e in recorder.events) == w.details["steps"]
+    run = tmp_path / "run"
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    for bundle in ("best", "last"):
+        manifest = json.loads((run / bundle / "manifest.json").read_text())
+        assert manifest["schedule"] == "p -> w" and manifest["val_scores"]["0-baseline"] == baseline
+        assert (run / bundle / "adapter" / "adapter_model.safetensors").exists()
+        assert manifest["base_fingerprint"] == fresh_policy.base_fingerprint and manifest["versions"]["dspy"]
+    assert (run / "stages" / "2-w" / "predictions.jsonl").read_text().count("\n") == 24
+    # the returned program runs on the best adapter
+    assert result.program(**last_digit.load("test", 1)[0].inputs()).answer is not None
+
+
+@pytest.mark.slow
+def test_saved_bundle_loads_in_a_fresh_process_with_the_same_val_score(fresh_policy, tmp_path, tiny_model_dir):
+    result = _run(fresh_policy, tmp_path / "run", schedule="w", budget=160)
+    bundle = result.save(tmp_path / "bundle")
+    with pytest.raises(FileExistsError):
+        result.save(tmp_path / "bundle")
+    script = textwrap.dedent(f"""
+        import json, dspy
+        from optimizers import load
+        from optimizers.evaluate import evaluate
+        from metrics import as_rubric
+        from programs.tasks import last_digit
+        program = load({str(bundle)!r}, program=last_digit.predict_program(), max_tokens=16)
+        lm = program.policy.lm(temperature=0.0, max_tokens=16, cache=False)
+        ev = evaluate(program, last_digit.load("val", 24, seed=0), as_rubric(last_digit.correct), lm, num_threads=1)
+        print(json.dumps({{"val": ev.score}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    reloaded = json.loads(out.stdout.strip().splitlines()[-1])["val"]
+    assert math.isclose(reloaded, result.val_score), (reloaded, result.val_score)
+
+
+@pytest.mark.slow
+def test_exported_adapter_loads_with_peft_and_merged_weights_give_the_same_logits(fresh_policy, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = _run(fresh_policy, tmp_path / "run", schedule="w", budget=160)
+    out = export(tmp_path / "run", tmp_path / "export", merged=True)
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "program.json").exists()
+    assert "--lora-modules cotune=adapter" in (out / "README.md").read_text()
+    ids = torch.tensor([fresh_policy.encode_messages([{"role": "user", "content": "What is the last digit of 98765?"}])])
+    with torch.no_grad():
+        live = fresh_policy.model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(fresh_policy.base_path, use_safetensors=True)
+        peft_logits = PeftModel.from_pretrained(base, out / "adapter").eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged", use_safetensors=True).eval()(input_ids=ids).logits
+    assert result.history[-1].adapter_version > 0
+    assert torch.allclose(live, peft_logits, atol=1e-5)
+    assert torch.allclose(peft_logits, merged, atol=1e-4)
+    with pytest.raises(FileExistsError):
+        export(tmp_path / "run", out)
+
+
+class CrashAt(OptimizeCallback):
+    def __init__(self, index):
+        self.index = index
+
+    def on_stage_start(self, run, index, stage):
+        if index == self.index:
+            raise KeyboardInterrupt("simulated crash")
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_from_its_finished_stages(tiny_model_dir, tmp_path):
+    from rl import Policy
+
+    policy = Policy.from_pretrained(tiny_model_dir, name="tiny-resume")
+    with pytest.raises(KeyboardInterrupt):
+        _run(policy, tmp_path / "run", schedule="w -> p", budget=320, callbacks=[CrashAt(2)])
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert state["status"] == "failed" and state["finished"] == [0, 1]
+    first_w = json.loads((tmp_path / "run" / "stages" / "1-w" / "record.json").read_text())
+
+    fresh = Policy.from_pretrained(tiny_model_dir, name="tiny-resume")  # a new process would start like this
+    recorder = Recorder()
+    result = _run(fresh, tmp_path / "run", schedule="w -> p", budget=320, resume=True, callbacks=[recorder])
+    assert [r.name for r in result.history] == ["0-baseline", "1-w", "2-p"]
+    assert ("stage", 1, "w") not in recorder.events and ("stage", 2, "p") in recorder.events  # w was not redone
+    assert result.history[1].val_score == first_w["val_score"]
+    assert result.spend["rollouts"] <= 320 and result.history[1].spend == first_w["spend"]
+
+
+@pytest.mark.slow
+def test_self_train_stage_fine_tunes_on_successful_traces(fresh_policy, tmp_path):
+    result = _run(fresh_policy, tmp_path / "run", schedule="s", budget=96,
+                  self_training={"num_samples": 4, "temperature": 1.0, "learning_rate": 1e-3, "epochs": 2})
+    s = result.history[1]
+    print("self-train:", s.details["kept_rollouts"], "kept of", s.details["rollouts"], "val", s.val_score)
+    assert s.details["rollouts"] == 96 and 0 < s.details["kept_rollouts"] < 96 and s.details["steps"] >= 2
+    assert s.adapter_version == 1 and s.spend["rollouts"] == 96
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["bootstrap_rs", "mipro", "gepa", "simba"])
+def test_each_dspy_optimizer_runs_as_a_p_stage(tiny_policy, optimizer):
+    scripted = {
+        "mipro": DummyLM({"": {"program_description": "Finds the last digit.", "module_description": "One digit.",
+                               "summary": "Last digits.", "observations": "Last digits.",
+                               "proposed_instruction": "Answer with the last digit."}}),
+        "gepa": DummyLM({"current_instruction": {"new_instruction": "Answer with the last digit."}},
+                        adapter=dspy.JSONAdapter()),
+        "simba": DummyLM({"": {"discussion": "Wrong digit.", "module_advice": {"self": "Copy the final digit."}}}),
+    }
+    prompt = {"optimizer": optimizer, "num_candidate_programs": 2, "max_bootstrapped_demos": 2, "num_threads": 4,
+              "max_steps": 1, "minibatch_size": 6, "max_labeled_demos": 2}
+    extra = {"gepa": {"reflection_lm": scripted["gepa"]}}.get(optimizer, {"prompt_lm": scripted.get(optimizer)})
+    result = _run(tiny_policy, schedule="p", budget=120, prompt=prompt, **extra)
+    stage = result.history[1]
+    print(optimizer, "val", result.history[0].val_score, "->", stage.val_score, "spend", stage.spend, stage.note)
+    assert stage.details["optimizer"] == optimizer and stage.spend["rollouts"] <= 120
+    assert stage.spend["rollouts"] > 0
