@@ -173,6 +173,8 @@ def optimize(
         "n_train": len(trainset), "n_val": len(valset), "gold_metric": gold_metric is not None,
         "tags": dict(tags or {}),
     }
+    if resume and output_dir is None:
+        raise OptimizeError("resume=True needs the output_dir of the run to continue")
     temp = None
     if output_dir is None:
         temp = tempfile.TemporaryDirectory(prefix="cotune-run-")

@@ -65,6 +65,7 @@ def _run(policy, tmp_path=None, schedule="p -> w", budget=400, **kwargs):
     (dict(weights={"lr": 1e-3}), OptimizeError, "weights: unknown setting.*'lr'"),
     (dict(weights={"num_generations": 1}), OptimizeError, "num_generations .* must be >= 2"),
     (dict(prompt={"optimizer": "copro"}), OptimizeError, "unknown optimizer 'copro'"),
+    (dict(resume=True), OptimizeError, "resume=True needs the output_dir"),
 ])
 def test_bad_input_is_a_clear_error(tiny_policy, kwargs, error, match):
     train, val = _data(4, 4)
