@@ -156,6 +156,7 @@ def optimize(
     if policy is None or not hasattr(policy, "lm"):
         raise OptimizeError("policy must be an rl.Policy (e.g. Policy.from_pretrained(path) or "
                             "programs.embedded.tiny_policy())")
+    _check_bindings(program, policy)
     rubric = as_rubric(metric)
     prompt_cfg = _coerce(prompt, PromptStageConfig, "prompt", seed=seed)
     weights_cfg = _coerce(weights, WeightStageConfig, "weights", seed=seed)
@@ -193,6 +194,8 @@ def optimize(
         for cb in callbacks:
             cb.on_run_start(run)
         current = copy.deepcopy(program)
+        for _, predictor in current.named_predictors():
+            predictor.lm = None  # every stage sets the LM it needs through dspy.context
         meter = Meter(budget)
         for index, stage in enumerate(("baseline",) + stages):
             if index in done:  # resume: reload the finished stage and move on
@@ -440,6 +443,17 @@ def _check_data(trainset, valset) -> tuple[list, list]:
     except TrainsetError as exc:
         raise OptimizeError(f"valset: {str(exc).replace('trainset', 'valset')}") from exc
     return trainset, valset
+
+
+def _check_bindings(program: dspy.Module, policy: Any) -> None:
+    """A predictor bound to another LM would bypass the policy: its calls would be neither trained nor recorded."""
+    if not isinstance(program, dspy.Module):
+        raise OptimizeError(f"program must be a dspy.Module, got {type(program).__name__}")
+    for name, predictor in program.named_predictors():
+        lm = getattr(predictor, "lm", None)
+        if lm is not None and getattr(lm, "_engine_spec", None) is not policy.engine:
+            raise OptimizeError(f"predictor {name!r} is bound to another LM ({getattr(lm, 'model', lm)!r}); optimize() "
+                                "runs every predictor on the policy: call program.set_lm(None) first")
 
 
 def _coerce(value, cls, name: str, seed: int):

@@ -36,6 +36,12 @@ WEIGHTS = {"learning_rate": 1e-3, "max_tokens": 16, "num_generations": 4, "examp
 PROMPT = {"num_candidate_programs": 2, "max_bootstrapped_demos": 3, "num_threads": 8}
 
 
+def _bound_program() -> dspy.Module:
+    program = last_digit.predict_program()
+    program.set_lm(DummyLM([]))
+    return program
+
+
 def _data(n_train: int = 24, n_val: int = 24):
     return last_digit.load("train", n_train, seed=SEED), last_digit.load("val", n_val, seed=SEED)
 
@@ -66,6 +72,7 @@ def _run(policy, tmp_path=None, schedule="p -> w", budget=400, **kwargs):
     (dict(weights={"num_generations": 1}), OptimizeError, "num_generations .* must be >= 2"),
     (dict(prompt={"optimizer": "copro"}), OptimizeError, "unknown optimizer 'copro'"),
     (dict(resume=True), OptimizeError, "resume=True needs the output_dir"),
+    (dict(program="bound"), OptimizeError, "predictor 'self' is bound to another LM"),
 ])
 def test_bad_input_is_a_clear_error(tiny_policy, kwargs, error, match):
     train, val = _data(4, 4)
@@ -73,7 +80,8 @@ def test_bad_input_is_a_clear_error(tiny_policy, kwargs, error, match):
     args.update(kwargs)
     version = tiny_policy.version
     with pytest.raises(error, match=match):
-        optimize(last_digit.predict_program(), args.pop("trainset"), args.pop("valset"), policy=tiny_policy,
+        program = _bound_program() if args.pop("program", None) == "bound" else last_digit.predict_program()
+        optimize(program, args.pop("trainset"), args.pop("valset"), policy=tiny_policy,
                  weights=args.pop("weights", WEIGHTS), prompt=args.pop("prompt", PROMPT), progress=False, **args)
     assert tiny_policy.version == version
 
