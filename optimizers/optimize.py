@@ -113,8 +113,8 @@ def optimize(
             an equal share of what is left. ``None``: each stage's own config decides.
         teleprompter: any DSPy teleprompter instance to use for ``p`` stages instead of ``prompt.optimizer``.
         prompt_lm, reflection_lm: proposer (MIPROv2, SIMBA) and reflection (GEPA) models; default: the policy.
-        gold_metric: a held-out metric no stage optimizes; it is evaluated after each stage and an alert is
-            raised when the metric's val score rises while gold falls (reward hacking).
+        gold_metric: a held-out metric no stage optimizes (or a configured :class:`metrics.GoldGuard`); it is
+            evaluated after each stage and an alert is raised when the metric's val score rises while gold falls.
         seed: seeds Python, NumPy, torch and every stage.
         output_dir: run folder (see the module docstring); ``None`` keeps artifacts in a temporary folder.
         resume: continue the interrupted run in ``output_dir`` (finished stages are reloaded, an interrupted
@@ -187,7 +187,7 @@ def optimize(
     _seed_everything(seed)
 
     loop = _Loop(rubric=rubric, policy=policy, valset=valset, trainset=trainset, run=run, root=root,
-                 callbacks=callbacks, gold=GoldGuard(gold_metric) if gold_metric is not None else None,
+                 callbacks=callbacks, gold=_gold_guard(gold_metric),
                  eval_threads=eval_threads, eval_max_tokens=eval_max_tokens or weights_cfg.max_tokens,
                  progress=progress)
     try:
@@ -333,7 +333,7 @@ class _Loop:
 
     def finish(self, index, stage, program, details, note, spend: Spend, total: Spend, seconds: float) -> None:
         lm = self.policy.lm(temperature=0.0, max_tokens=self.eval_max_tokens, cache=False)
-        ev = evaluate(program, self.valset, self.rubric, lm, gold_metric=self.gold.gold_metric if self.gold else None,
+        ev = evaluate(program, self.valset, self.rubric, lm, gold_metric=self.gold.gold_score if self.gold else None,
                       num_threads=self.eval_threads)
         record = StageRecord(index=index, stage=stage, name=f"{index}-{stage}", val_score=ev.score,
                              val_components=ev.components, gold_score=ev.gold, val_errors=ev.errors,
@@ -443,6 +443,15 @@ def _check_data(trainset, valset) -> tuple[list, list]:
     except TrainsetError as exc:
         raise OptimizeError(f"valset: {str(exc).replace('trainset', 'valset')}") from exc
     return trainset, valset
+
+
+def _gold_guard(gold_metric: Any) -> GoldGuard | None:
+    """``gold_metric`` as a guard: a metric callable, or a configured :class:`metrics.GoldGuard` (e.g. action="stop")."""
+    if gold_metric is None or isinstance(gold_metric, GoldGuard):
+        return gold_metric
+    if not callable(gold_metric):
+        raise OptimizeError(f"gold_metric must be a metric callable or a metrics.GoldGuard, got {type(gold_metric).__name__}")
+    return GoldGuard(gold_metric)
 
 
 def _check_bindings(program: dspy.Module, policy: Any) -> None:

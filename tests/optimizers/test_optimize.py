@@ -313,3 +313,18 @@ def test_each_dspy_optimizer_runs_as_a_p_stage(tiny_policy, optimizer):
     print(optimizer, "val", result.history[0].val_score, "->", stage.val_score, "spend", stage.spend, stage.note)
     assert stage.details["optimizer"] == optimizer and stage.spend["rollouts"] <= 120
     assert stage.spend["rollouts"] > 0
+
+
+@pytest.mark.slow
+def test_gold_metric_is_scored_per_stage_and_divergence_raises_an_alert(tiny_policy, tmp_path):
+    def contrarian_gold(example, pred, trace=None):  # a gold metric that disagrees with the optimized one
+        return 1.0 - last_digit.correct(example, pred)
+
+    with pytest.warns(Warning, match="Possible reward hacking"):
+        result = _run(tiny_policy, tmp_path / "run", schedule="p", budget=200, gold_metric=contrarian_gold)
+    baseline, stage = result.history
+    assert math.isclose(baseline.gold_score, 1.0 - baseline.val_score)
+    assert stage.val_score > baseline.val_score and stage.gold_score < baseline.gold_score
+    assert stage.events and "reward hacking" in stage.events[0]
+    manifest = json.loads((tmp_path / "run" / "best" / "manifest.json").read_text())
+    assert manifest["gold_scores"]["1-p"] == stage.gold_score
