@@ -39,16 +39,19 @@ def split_of(n: int) -> str:
     return "train" if bucket < 8 else ("val" if bucket == 8 else "test")
 
 
-def _numbers(split: str, count: int, seed: int) -> list[int]:
+def _numbers(split: str, count: int, seed: int, min_digits: int = MIN_DIGITS, max_digits: int = MAX_DIGITS
+             ) -> list[int]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"need 1 <= min_digits <= max_digits, got min_digits={min_digits}, max_digits={max_digits}")
     rng = random.Random(f"last_digit/{split}/{seed}")
     seen: set[int] = set()
     out: list[int] = []
     while len(out) < count:
-        digits = rng.randint(MIN_DIGITS, MAX_DIGITS)
+        digits = rng.randint(min_digits, max_digits)
         n = rng.randint(10 ** (digits - 1), 10**digits - 1)
         if n not in seen and split_of(n) == split:
             seen.add(n)
@@ -61,8 +64,10 @@ def make_example(n: int) -> dspy.Example:
     return dspy.Example(question=QUESTION.format(n=n), answer=str(n % 10), number=n).with_inputs("question")
 
 
-def load(split: str, count: int, seed: int = 0) -> list[dspy.Example]:
-    """Deterministic examples of one split.
+def load(split: str, count: int, seed: int = 0, min_digits: int = MIN_DIGITS, max_digits: int = MAX_DIGITS
+         ) -> list[dspy.Example]:
+    """Deterministic examples of one split (numbers of ``min_digits`` to ``max_digits`` digits; the defaults
+    are the warm-start's range, and only they reproduce the examples the model was warm-started around).
 
     Example:
         >>> from programs.tasks import last_digit
@@ -70,7 +75,7 @@ def load(split: str, count: int, seed: int = 0) -> list[dspy.Example]:
         >>> train[0].question.startswith("What is the last digit of")
         True
     """
-    return [make_example(n) for n in _numbers(split, count, seed)]
+    return [make_example(n) for n in _numbers(split, count, seed, min_digits, max_digits)]
 
 
 def is_long(example: dspy.Example) -> bool:
@@ -186,3 +191,56 @@ def measure(program: dspy.Module, lm: dspy.LM, n: int = 500, split: str = "test"
         return sum(xs) / len(xs) if xs else 0.0
 
     return Measurement(n, mean([float(p) for p in parsed]), mean(scores), mean(short_scores), mean(long_scores))
+
+
+# --- registration hook (programs.registry) ---------------------------------------------------
+
+
+def rubric():
+    """Correctness gated on format: a parsed, correct digit scores 1; a parsed wrong one 0.25; no parse 0."""
+    from metrics import ExactMatch, FormatValidity, Rubric
+
+    return Rubric([ExactMatch("answer", name="correct"), FormatValidity(["answer"])],
+                  weights={"correct": 3, "format": 1}, gates={"correct": "format"}, name="last_digit")
+
+
+def task(min_digits: int = MIN_DIGITS, max_digits: int = MAX_DIGITS):
+    """The registered ``last_digit`` task; ``min_digits``/``max_digits`` set the difficulty (long = unreliable).
+
+    The defaults give exactly :func:`load`'s examples, the distribution the tiny model was warm-started around.
+    """
+    from programs.registry import Task
+    from programs.tasks.splits import SplitError
+
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"need 1 <= min_digits <= max_digits, got min_digits={min_digits}, max_digits={max_digits}")
+    space = 10**max_digits - 10 ** (min_digits - 1)
+    share = {"train": 0.75, "val": 0.08, "test": 0.08}  # a little under the hash buckets' 80/10/10
+
+    def loader(split: str, n: int, seed: int) -> list[dspy.Example]:
+        if n > space * share[split]:
+            raise SplitError(f"last_digit with {min_digits}-{max_digits} digits has only about "
+                             f"{int(space * share[split])} {split} numbers; asked for {n}")
+        return load(split, n, seed, min_digits=min_digits, max_digits=max_digits)
+
+    return Task(
+        name="last_digit",
+        description=f"What is the last digit of N? (N of {min_digits}-{max_digits} digits; the embedded model's "
+                    f"warm-start task)",
+        loader=loader,
+        programs={"predict": predict_program, "cot": cot_program},
+        rubric_factory=rubric,
+        default_program="predict",
+        gold_metric=correct,
+        options={"min_digits": min_digits, "max_digits": max_digits},
+    )
+
+
+def long_task(max_digits: int = MAX_DIGITS):
+    """``last_digit`` on long numbers only: the part the warm-start made unreliable (most headroom)."""
+    from dataclasses import replace
+
+    base = task(min_digits=LONG_DIGITS, max_digits=max_digits)
+    return replace(base, name="last_digit_long",
+                   description=f"What is the last digit of N? (N of {LONG_DIGITS}-{max_digits} digits only: "
+                               f"where the tiny model is unreliable)")
