@@ -4,6 +4,8 @@ Public API:
     Policy, LoraSettings: a local causal LM + LoRA adapter, served to DSPy via ``policy.lm()``.
     LMCall, recording: what every generation recorded (exact token ids) and how to collect it.
     train_weights, WeightStageConfig: the GRPO weight stage for a whole DSPy program.
+    VLLMServer, VLLMEngine: generation on a vLLM server (``Policy.from_pretrained(..., engine="vllm")``); vllm
+        itself runs in its own process and is never imported here.
 """
 
 from rl.config import WeightStageConfig
@@ -11,6 +13,8 @@ from rl.errors import CotuneRLError, EngineError, ModelNotFoundError, UnsafeMode
 from rl.policy import LoraSettings, Policy, PolicyLM
 from rl.rollouts import RewardError, Rollout, run_rollouts
 from rl.trace import LMCall, recording
+from rl.vllm_engine import TokenizationMismatchError, VLLMEngine
+from rl.vllm_server import VLLMNotInstalledError, VLLMServer, VLLMServerError
 from rl.weight_stage import TrainsetError, WeightStageResult, train_weights
 
 __all__ = [
@@ -23,10 +27,15 @@ __all__ = [
     "PolicyLM",
     "RewardError",
     "Rollout",
+    "TokenizationMismatchError",
     "TrainsetError",
     "WeightStageConfig",
     "WeightStageResult",
     "UnsafeModelError",
+    "VLLMEngine",
+    "VLLMNotInstalledError",
+    "VLLMServer",
+    "VLLMServerError",
     "recording",
     "run_rollouts",
     "train_weights",

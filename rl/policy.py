@@ -152,6 +152,8 @@ class Policy:
         max_wait_ms: float = 15.0,
         default_max_tokens: int = 256,
         seed: int = 0,
+        engine: str = "local",
+        vllm: dict[str, Any] | None = None,
     ) -> Policy:
         """Load a local HF causal LM and attach a LoRA adapter (fresh, or ``adapter=`` a saved PEFT folder).
 
@@ -164,6 +166,11 @@ class Policy:
             device: ``"cpu"``, ``"cuda"``, ... (default: cuda when available).
             trust_remote_code: run code shipped with the model. Off unless you trust the folder.
             max_batch_size, max_wait_ms, default_max_tokens, seed: engine settings (see :class:`BatchedEngine`).
+            engine: where generation runs: ``"local"`` (in-process :class:`BatchedEngine`), ``"vllm"`` (start a
+                vLLM server on this model folder) or the URL of a running vLLM server. Training is in-process
+                either way; see :meth:`use_vllm`.
+            vllm: options for :meth:`use_vllm` (server options such as ``dtype``, ``python``, ``env``, and
+                ``adapter_dir``) when ``engine`` is not ``"local"``.
 
         Raises:
             ModelNotFoundError: the model is not available locally.
@@ -198,7 +205,7 @@ class Policy:
         else:
             model = get_peft_model(base, lora.to_peft())
         model.eval()
-        return cls(
+        policy = cls(
             model=model,
             tokenizer=tokenizer,
             name=name or path.name,
@@ -211,6 +218,53 @@ class Policy:
                 "seed": seed,
             },
         )
+        if engine != "local":
+            policy.use_vllm(None if engine == "vllm" else engine, **(vllm or {}))
+        return policy
+
+    def use_vllm(self, url: str | None = None, *, server: Any = None, adapter_dir: str | os.PathLike | None = None,
+                 **server_options: Any):
+        """Serve generation from vLLM from now on; training stays in-process on :attr:`model`.
+
+        Starts a vLLM server on :attr:`base_path` (from the venv of ``scripts/vllm_venv.sh``), or attaches to
+        ``url`` / ``server``. The current adapter is loaded at once and again after every :meth:`bump_version`
+        under a versioned name. LMs made earlier by :meth:`lm` keep the previous engine: switch first.
+
+        Args:
+            url: a running server (started with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``).
+            server: a :class:`rl.vllm_server.VLLMServer` to use as is.
+            adapter_dir: where adapter versions are written; the server must be able to read it.
+            server_options: :meth:`rl.vllm_server.VLLMServer.start` options (``dtype``, ``python``, ``env``, ...),
+                or with ``url`` those of :meth:`rl.vllm_server.VLLMServer.attach` (``api_key``, ``served_model``).
+
+        Returns:
+            The :class:`rl.vllm_engine.VLLMEngine`, also :attr:`engine`.
+        """
+        from rl.vllm_engine import VLLMEngine
+        from rl.vllm_server import VLLMServer
+
+        own = server is None  # a server made here (started, or attached to url) closes with the engine
+        if server is None:
+            if url is not None:
+                server = VLLMServer.attach(url, **server_options)  # served_model, api_key, timeout_s
+            else:
+                server_options.setdefault("max_lora_rank", self.lora.r)
+                server_options.setdefault("dtype", str(next(self.model.parameters()).dtype).removeprefix("torch."))
+                server = VLLMServer.start(self.base_path, **server_options)
+        options = {k: self.engine_options[k] for k in ("default_max_tokens", "seed") if k in self.engine_options}
+        try:
+            engine = VLLMEngine(self, server, adapter_dir=adapter_dir, own_server=own, **options)
+        except BaseException:
+            if own:
+                server.close()
+            raise
+        previous, self.engine = self.engine, engine
+        getattr(previous, "close", lambda: None)()
+        return engine
+
+    def close(self) -> None:
+        """Release what the engine holds (a vLLM server this policy started); the model stays usable."""
+        getattr(self.engine, "close", lambda: None)()
 
     # --- DSPy side ------------------------------------------------------------------------------
 
@@ -264,7 +318,14 @@ class Policy:
         with self.lock:
             self.version += 1
             self._adapter_hash = self.adapter_hash()
+            self._sync_engine()
             return self.version
+
+    def _sync_engine(self) -> None:
+        """Tell an out-of-process engine (vLLM) that the adapter changed, so that it serves the new version."""
+        sync = getattr(self.engine, "sync", None)
+        if sync is not None:
+            sync()
 
     def save_adapter(self, out_dir: str | os.PathLike) -> Path:
         """Write a standard PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
@@ -297,6 +358,7 @@ class Policy:
                 return self.bump_version()
             self.version = version
             self._adapter_hash = self.adapter_hash()
+            self._sync_engine()
             return self.version
 
 
