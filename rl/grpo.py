@@ -11,10 +11,21 @@ Checked against trl 1.16 by running (see tests/rl/test_grpo.py): the micro-batch
 the update under the default ``loss_type="dapo"``; with ``beta=0`` and zero advantages nothing moves; with
 ``beta>0`` the reference is TRL's own choice for a PEFT model, a frozen copy ("ref" adapter) of the adapter
 as it was when the stage started (the base model when the adapter is fresh).
+
+Data parallel (``accelerate launch``, several processes; see tests/rl/test_distributed.py): the model is wrapped in
+DDP and the optimizer prepared through the trainer's own ``accelerator``; gradients are all-reduced once per step
+(``no_sync`` on all but the last micro-batch); the policy keeps generating from the unwrapped model, whose
+parameters DDP shares. Each rank brings its own rows. TRL's loss makes collective calls (metrics gathered over
+ranks) once per micro-batch, with tensors of the micro-batch's size, so every rank must run the same micro-batches:
+a rank with fewer rows is padded with rows whose completion mask is 0 (they add nothing to any loss or metric). The
+dapo normaliser is TRL's: ``num_items_in_batch`` is the token count over *all* ranks and TRL divides it by the
+number of processes, so after DDP's mean the gradient is that of the token mean over the whole step, as in one
+process on the union of the rows. In one process none of this runs: the path is exactly the single-process one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -23,8 +34,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from rl import distributed
 from rl.advantages import Row
 from rl.config import WeightStageConfig
+from rl.errors import CotuneRLError
+
+# Loss types that average over the rows of a micro-batch (TRL 1.16): a padding row would dilute that mean, so a
+# micro-batch holding padding rows is rescaled to its real rows. Token-normalised types (dapo, bnpo, cispo, vespo)
+# are unaffected by padding rows.
+_ROW_MEAN_LOSSES = frozenset({"grpo", "sapo", "dr_grpo", "luspo"})
+_REAL = "cotune_real_rows"  # batch key (not TRL's): which rows are real, not padding for the other ranks
+
+
+class UnsupportedDistributedError(CotuneRLError, RuntimeError):
+    """The accelerate setup is one the weight stage cannot train under (only DDP data parallelism is supported)."""
 
 
 def _dummy_reward(completions, **kwargs):  # TRL requires a reward source; ours never runs through TRL
@@ -84,9 +107,44 @@ class GRPOUpdater:
         if self.trainer.model is not policy.model:
             raise RuntimeError("TRL replaced the policy model; the engine would keep generating from stale weights")
         self.trainer.create_optimizer_and_scheduler(num_training_steps=max(1, total_steps))
+        self.accelerator = self.trainer.accelerator
+        self.distributed = self.accelerator.num_processes > 1
+        self.model = self.trainer.model  # what the loss runs through: the DDP wrapper under several processes
+        if self.distributed:
+            self._prepare_data_parallel()
+
+    def _prepare_data_parallel(self) -> None:
+        """Wrap the model in DDP and prepare the optimizer, as ``Trainer`` does before its first step.
+
+        The scheduler stays unprepared (as in ``Trainer``): accelerate's scheduler wrapper steps the schedule once
+        per process per call, because it assumes a dataloader sharded over processes; ours is stepped once per
+        optimizer step on every rank, which keeps every rank's learning rate equal to a single process's.
+        """
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP) or not str(kind.value).startswith("MULTI_"):
+            raise UnsupportedDistributedError(
+                f"the weight stage trains data-parallel with DDP only (accelerate's MULTI_GPU / MULTI_CPU), not under "
+                f"{kind.value}: DeepSpeed ZeRO-3 and FSDP shard the weights the in-process engine generates from, and "
+                "the adapter would have to be gathered (accelerator.get_state_dict) before every save and vLLM swap. "
+                "Launch with docs/accelerate/multi_gpu.yaml (see docs/cluster.md).")
+        trainer = self.trainer
+        self.model, trainer.optimizer = self.accelerator.prepare(trainer.model, trainer.optimizer)
+        trainer.model_wrapped = self.model
+        if self.model is trainer.model or self.model.module is not self.policy.model:
+            raise RuntimeError("accelerate did not wrap the policy model in DDP; gradients would not be averaged")
 
     def close(self) -> None:
-        """Drop TRL's frozen reference adapter so the policy holds only its own adapter again."""
+        """Drop TRL's frozen reference adapter so the policy holds only its own adapter again.
+
+        Under several processes, also detach DDP from the policy's parameters: its gradient hooks would otherwise
+        outlive this updater and all-reduce the gradients of whatever trains the policy next.
+        """
+        if self.distributed and self.model is not self.trainer.model:
+            self.model._remove_autograd_hooks()
+            self.accelerator.free_memory()
+            self.model = self.trainer.model_wrapped = self.trainer.model
         model = self.policy.model
         if "ref" in getattr(model, "peft_config", {}):
             model.delete_adapter("ref")
@@ -97,7 +155,11 @@ class GRPOUpdater:
 
     @torch.no_grad()
     def to_batch(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
-        """The dict ``GRPOTrainer.compute_loss`` consumes: left-padded prompts, right-padded completions."""
+        """The dict ``GRPOTrainer.compute_loss`` consumes: left-padded prompts, right-padded completions.
+
+        Under several processes this is a collective call (every rank calls it once per update, possibly with no
+        rows): the rows are padded to the largest rank's count and ``num_items_in_batch`` counts every rank's tokens.
+        """
         from trl.models.utils import disable_gradient_checkpointing
         from trl.trainer.utils import pad, use_adapter
 
@@ -106,22 +168,32 @@ class GRPOUpdater:
         pad_id = self.policy.tokenizer.pad_token_id
         prompts = [torch.tensor(r.prompt_ids, dtype=torch.long) for r in rows]
         completions = [torch.tensor(r.completion_ids, dtype=torch.long) for r in rows]
+        n_pad = int(distributed.all_reduce([len(rows)], "max")[0]) - len(rows) if self.distributed else 0
+        # a padding row: one attended prompt token (a fully masked row could give NaN logits) and a masked completion
+        prompts += [torch.tensor([pad_id], dtype=torch.long)] * n_pad
+        completions += [torch.tensor([pad_id], dtype=torch.long)] * n_pad
+        real = torch.tensor([True] * len(rows) + [False] * n_pad)
         completion_mask = pad([torch.ones_like(t) for t in completions], 0, "right")
+        completion_mask[~real] = 0
         if self.config.mask_truncated_completions:
-            truncated = torch.tensor([r.truncated for r in rows])
+            truncated = torch.tensor([r.truncated for r in rows] + [False] * n_pad)
             completion_mask[truncated] = 0
         batch = {
             "prompt_ids": pad(prompts, pad_id, "left").to(device),
             "prompt_mask": pad([torch.ones_like(t) for t in prompts], 0, "left").to(device),
             "completion_ids": pad(completions, pad_id, "right").to(device),
             "completion_mask": completion_mask.to(device),
-            "advantages": torch.tensor([float(r.advantage) for r in rows], device=device),
+            "advantages": torch.tensor([float(r.advantage) for r in rows] + [0.0] * n_pad, device=device),
         }
         batch["num_items_in_batch"] = batch["completion_mask"].sum()
+        if self.distributed:  # TRL's own convention (see _generate_and_score_completions): tokens over all ranks
+            batch[_REAL] = real.to(device)
+            total = distributed.all_reduce([float(batch["num_items_in_batch"])], "sum")[0]
+            batch["num_items_in_batch"] = torch.tensor(total, device=device)
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
         width, mbs = batch["completion_ids"].size(1), self.config.micro_batch_size
-        model = trainer.model
+        model = trainer.model  # the unwrapped model: no gradients here, nothing to synchronise
         with disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs):
             if self.config.num_iterations > 1:  # the batch is reused: freeze the sampling policy's log-probs
                 model.eval()
@@ -138,7 +210,7 @@ class GRPOUpdater:
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """One optimizer step on ``batch`` (gradients accumulated over micro-batches); returns TRL's metrics."""
         trainer = self.trainer
-        model = trainer.model
+        model = self.model
         model.train()
         n_rows = batch["advantages"].size(0)
         mbs = self.config.micro_batch_size
@@ -148,16 +220,24 @@ class GRPOUpdater:
         # makes the update independent of how the rows are split.
         trainer.current_gradient_accumulation_steps = len(starts)
         n_items = batch["num_items_in_batch"] * trainer.args.steps_per_generation / len(starts)
+        real = batch.get(_REAL)
         total = 0.0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            for s in starts:
-                micro = {k: v[s : s + mbs] for k, v in batch.items() if k != "num_items_in_batch"}
+            for j, s in enumerate(starts):
+                micro = {k: v[s : s + mbs] for k, v in batch.items() if k not in ("num_items_in_batch", _REAL)}
                 micro["num_items_in_batch"] = n_items
-                with trainer.compute_loss_context_manager():
-                    loss = trainer.compute_loss(model, micro)
-                trainer.accelerator.backward(loss)
+                last = j == len(starts) - 1
+                with self._sync_on(last):
+                    with trainer.compute_loss_context_manager():
+                        loss = trainer.compute_loss(model, micro)
+                    if real is not None and self.config.loss_type in _ROW_MEAN_LOSSES:
+                        n_real = int(real[s : s + mbs].sum())
+                        loss = loss * (len(micro["advantages"]) / n_real if n_real else 0.0)
+                    trainer.accelerator.backward(loss)
                 total += loss.item()
+        if self.distributed:  # the mean over ranks is the loss DDP's averaged gradient belongs to
+            total = distributed.all_reduce([total], "sum")[0] / self.accelerator.num_processes
         grad_norm = trainer._clip_grad_norm(model) if trainer.args.max_grad_norm > 0 else None
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
@@ -169,6 +249,13 @@ class GRPOUpdater:
         metrics.update(loss=total, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        lr=float(trainer.lr_scheduler.get_last_lr()[0]))
         return metrics
+
+    def _sync_on(self, last: bool):
+        """Under DDP, all-reduce gradients only on the step's last backward (``no_sync`` before), as ``Trainer`` does."""
+        if not self.distributed:
+            return contextlib.nullcontext()
+        self.accelerator.gradient_state._set_sync_gradients(last)  # what TRL's loss and the optimizer wrapper read
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
 
     # --- checkpoint state -----------------------------------------------------------------------
 

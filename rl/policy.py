@@ -185,7 +185,8 @@ class Policy:
                 f"{str(path)!r} has no *.safetensors weights; cotune loads safetensors only "
                 "(convert pickle checkpoints with `transformers` save_pretrained(safe_serialization=True))."
             )
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # under accelerate/torchrun each rank takes its own GPU (LOCAL_RANK); one process takes cuda:0
+        device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.float32 if device == "cpu" else "auto"
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)

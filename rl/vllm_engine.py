@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from dspy.lm15 import ContextLengthError, Message, Request, Response, Usage
 
+from rl import distributed
 from rl.atomic import atomic_dir
 from rl.errors import EngineError
 from rl.trace import LMCall, active_recorders, caller_info
@@ -101,6 +102,13 @@ class VLLMEngine:
         self._inflight: dict[str, int] = {}
         self._current: str | None = None
         self._swap_lock = threading.Condition()
+        # Data parallel training (accelerate launch): the ranks attached to one server share its adapter names and
+        # the lowest of them alone writes and loads each version; the others wait for it (see sync).
+        self._loader, self._shared = True, False
+        if distributed.is_distributed() and server.process is None:
+            peers = distributed.gather_objects((server.url, self._tag))
+            first = next(i for i, (url, _) in enumerate(peers) if url == server.url)
+            self._tag, self._loader, self._shared = peers[first][1], first == distributed.rank(), True
         self.sync()
 
     def __deepcopy__(self, memo: dict) -> VLLMEngine:
@@ -122,18 +130,24 @@ class VLLMEngine:
 
         Called by :meth:`rl.policy.Policy.bump_version` (the weight stage bumps after every optimizer step) and
         when an adapter is loaded. Idempotent: a version already served is not reloaded.
+
+        Under several training processes attached to one server this is a collective call (every rank bumps its
+        version at the same point, with bit-identical weights, hence the same name): one rank writes and loads the
+        adapter, the others wait at a barrier until the server holds it, then name it in their requests.
         """
         with self.policy.lock:
             name, version, model_string = self.adapter_name(), self.policy.version, self.policy.model_string
             with self._swap_lock:
                 if name == self._current:
                     return name
-            if name not in self._served:
+            if name not in self._served and self._loader:
                 folder = self.adapter_dir / name
                 with atomic_dir(folder) as tmp:
                     self.policy.save_adapter(tmp)
                 self.server.load_adapter(name, folder)
                 self.swaps += 1
+            if self._shared:
+                distributed.barrier()
         with self._swap_lock:
             self._served[name] = (version, model_string)
             self._current = name
@@ -145,7 +159,7 @@ class VLLMEngine:
             idle = [n for n in self._served if n != self._current and not self._inflight.get(n)]
             for n in idle:
                 del self._served[n]
-        for n in idle:
+        for n in idle if self._loader else ():  # a rank that did not load a version leaves it to the one that did
             self.server.unload_adapter(n)
             shutil.rmtree(self.adapter_dir / n, ignore_errors=True)
 
@@ -274,7 +288,7 @@ class VLLMEngine:
         if not (self.own_server and self.server.process is not None):
             with self._swap_lock:
                 names, self._served, self._current = list(self._served), {}, None
-            for name in names:
+            for name in names if self._loader else ():
                 try:
                     self.server.unload_adapter(name)
                 except VLLMServerError:  # the server is gone or already dropped it: nothing left to free

@@ -11,10 +11,18 @@ Example:
     ...                        WeightStageConfig(num_generations=8, max_rollouts=2048, learning_rate=1e-4),
     ...                        output_dir="runs/w1", callbacks=[print])
     >>> result.history[-1]["reward_mean"]                                                  # doctest: +SKIP
+
+Data parallel: under ``accelerate launch`` with several processes every rank calls ``train_weights`` with the same
+arguments. Each step's examples are split across ranks (all G runs of an example on one rank, so group statistics
+stay local; ``scale_rewards="batch"`` uses the std over every rank's rewards), DDP averages the gradients, every
+rank bumps its own adapter version, the logged metrics are computed over the union of the ranks' rollouts (the same
+dict on every rank), and rank 0 alone writes checkpoints and shows progress. ``examples_per_step`` and the budget
+are global: the same config trains on the same number of examples per step whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -28,7 +36,8 @@ from typing import Any
 
 import dspy
 
-from rl.advantages import compute_advantages, predictor_namer
+from rl import distributed
+from rl.advantages import AdvantageStats, compute_advantages, predictor_namer
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import WeightStageConfig
 from rl.errors import CotuneRLError
@@ -40,6 +49,7 @@ StepCallback = Callable[[dict[str, Any]], None]
 # metrics.DegeneracyMonitor via ``lambda step, rollouts: monitor.observe(step, texts(rollouts))[1]``.
 StepMonitor = Callable[[int, list[Rollout]], Iterable[Any] | None]
 logger = logging.getLogger(__name__)
+ADVANTAGE_EPS = 1e-4  # added to the std before dividing (rl.advantages' default)
 
 
 class TrainsetError(CotuneRLError, ValueError):
@@ -97,27 +107,45 @@ def _check_trainset(trainset: Sequence[dspy.Example]) -> None:
             raise TrainsetError(f"trainset[{i}] has no input fields; call .with_inputs(...) on it")
 
 
-def _step_metrics(rollouts: list[Rollout], adv_stats, update: dict[str, Any], with_kl: bool) -> dict[str, Any]:
-    rewards = [r.reward for r in rollouts]
+def _summary(rollouts: list[Rollout]) -> dict[str, Any]:
+    """What the step's metrics need from some rollouts, as plain lists: cheap to gather from every rank."""
     calls = [c for r in rollouts for c in r.calls]
-    lengths = [len(c.completion_ids) for c in calls]
-    metrics: dict[str, Any] = {
-        "reward_mean": statistics.fmean(rewards),
-        "reward_std": statistics.pstdev(rewards),
-        "parse_failure_rate": sum(r.error is not None for r in rollouts) / len(rollouts),
-        "lm_calls": len(calls),
-        "tokens_generated": sum(lengths),
-        "completion_tokens_mean": statistics.fmean(lengths) if lengths else 0.0,
-        "truncated_rate": sum(c.finish_reason == "length" for c in calls) / max(1, len(calls)),
-        "groups": adv_stats.groups,
-        "zero_variance_groups": adv_stats.zero_variance_groups,
-        "rows": adv_stats.rows,
-    }
     components: dict[str, list[float]] = defaultdict(list)
     for r in rollouts:
         for name, value in r.components.items():
             components[name].append(value)
-    metrics.update({f"reward/{name}": statistics.fmean(values) for name, values in components.items()})
+    return {"rewards": [r.reward for r in rollouts], "failed": [r.error is not None for r in rollouts],
+            "lengths": [len(c.completion_ids) for c in calls],
+            "truncated": [c.finish_reason == "length" for c in calls], "components": dict(components)}
+
+
+def _merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary of the union of the ranks' rollouts (rank order)."""
+    out: dict[str, Any] = {"rewards": [], "failed": [], "lengths": [], "truncated": [], "components": defaultdict(list)}
+    for summary in summaries:
+        for key in ("rewards", "failed", "lengths", "truncated"):
+            out[key] += summary[key]
+        for name, values in summary["components"].items():
+            out["components"][name] += values
+    return out
+
+
+def _step_metrics(summary: dict[str, Any], adv_stats: AdvantageStats, update: dict[str, Any], with_kl: bool
+                  ) -> dict[str, Any]:
+    rewards, lengths = summary["rewards"], summary["lengths"]
+    metrics: dict[str, Any] = {
+        "reward_mean": statistics.fmean(rewards),
+        "reward_std": statistics.pstdev(rewards),
+        "parse_failure_rate": sum(summary["failed"]) / len(rewards),
+        "lm_calls": len(lengths),
+        "tokens_generated": sum(lengths),
+        "completion_tokens_mean": statistics.fmean(lengths) if lengths else 0.0,
+        "truncated_rate": sum(summary["truncated"]) / max(1, len(lengths)),
+        "groups": adv_stats.groups,
+        "zero_variance_groups": adv_stats.zero_variance_groups,
+        "rows": adv_stats.rows,
+    }
+    metrics.update({f"reward/{name}": statistics.fmean(values) for name, values in summary["components"].items()})
     # The same keys every step (NaN when no group had signal and no update was made), so that logged curves align.
     keys = ("loss", "entropy", "grad_norm", "lr", "clip_ratio/region_mean") + (("kl",) if with_kl else ())
     for key in keys:
@@ -151,17 +179,21 @@ def train_weights(
         config: settings; the budget is ``config.max_rollouts`` program executions.
         output_dir: where checkpoints go (``<output_dir>/checkpoints``); required for checkpointing and resume.
         resume: continue from the latest checkpoint in ``output_dir``.
-        callbacks: called with each step's metrics dict.
+        callbacks: called with each step's metrics dict (under several processes: on every rank, with the same
+            dict; a callback that logs somewhere should check ``rl.distributed.is_main_process()``).
         monitors: called with (step, rollouts) after each step; the events they return (e.g. reward-hacking or
             degeneracy alerts from ``metrics``) are logged, counted in the step's ``guard_events`` metric and
-            returned in ``result.events``.
-        progress: show a progress bar.
+            returned in ``result.events``. Under several processes each rank's monitors see that rank's rollouts
+            and the events of every rank are returned on every rank.
+        progress: show a progress bar (rank 0 only).
         stop_after_steps: end after this many steps *in this call* (the budget is unchanged; used to stage runs).
         should_stop: asked before each step; ``True`` ends the stage there (e.g. an outer LM-call budget is spent).
+            Under several processes the stage stops on every rank when it says ``True`` on any rank.
 
     Raises:
         TrainsetError: empty trainset or examples without inputs.
         rl.rollouts.RewardError: the metric raised or returned NaN (the example is named).
+        ValueError: under several processes, fewer ``examples_per_step`` than processes.
     """
     config = config or WeightStageConfig()
     _check_trainset(trainset)
@@ -173,11 +205,22 @@ def train_weights(
 
     total_steps = config.max_steps
     updater = GRPOUpdater(policy, config, total_steps)
+    # Data parallel when the trainer's accelerator runs several processes (accelerate launch / torchrun).
+    parallel = updater.distributed
+    rank, world = (distributed.rank(), distributed.world_size()) if parallel else (0, 1)
+    main = rank == 0
+    if config.examples_per_step < world:
+        updater.close()
+        raise ValueError(f"examples_per_step={config.examples_per_step} is below the {world} training processes: "
+                         "each rank needs at least one example (all G runs of an example stay on one rank)")
     cursor = DataCursor(len(trainset), config.seed)
     history: list[dict[str, Any]] = []
     events: list[Any] = []
     start, rollouts_done, calls_done, resumed_from = 0, 0, 0, None
-    if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
+    ckpt = latest_checkpoint(ckpt_root) if resume else None
+    if parallel:  # every rank resumes from the checkpoint rank 0 sees
+        ckpt = distributed.broadcast_object(ckpt)
+    if ckpt is not None:
         state = load_checkpoint(ckpt, policy, updater)
         start, history = state["step"], state["history"]
         rollouts_done, calls_done = state["rollouts"], state["lm_calls"]
@@ -186,25 +229,41 @@ def train_weights(
 
     lm = policy.lm(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens, cache=False)
     name_of = predictor_namer(program)
+    # batch scaling needs the std over every rank's rewards: advantages unscaled here, divided below
+    local_scale = "none" if parallel and config.scale_rewards == "batch" else config.scale_rewards
     end = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
-    bar = _progress(progress, start, total_steps)
+    bar = _progress(progress and main, start, total_steps)
     try:
         for step in range(start, end):
-            if should_stop is not None and should_stop():
+            stop = should_stop is not None and should_stop()
+            if stop if not parallel else distributed.any_rank(stop):
                 logger.info("weight stage: stopped before step %d by should_stop", step + 1)
                 break
             t0 = time.perf_counter()
-            batch = [trainset[i] for i in cursor.take(config.examples_per_step)]
+            indices = cursor.take(config.examples_per_step)  # the same global batch on every rank
+            if parallel:
+                indices = distributed.shard(indices, rank, world)
+            batch = [trainset[i] for i in indices]
             rollouts = run_rollouts(
                 program, batch, lm, metric, config.num_generations,
                 format_failure_score=config.format_failure_score,
                 num_threads=1 if config.deterministic else config.num_threads,
-                tag=(config.seed, step),
+                tag=(config.seed, step) if not parallel else (config.seed, step, rank),
             )
             t1 = time.perf_counter()
-            rows, adv_stats = compute_advantages(rollouts, name_of, config.scale_rewards)
+            summary = _summary(rollouts)
+            rows, adv_stats = compute_advantages(rollouts, name_of, local_scale, eps=ADVANTAGE_EPS)
+            n_rows = len(rows)
+            if parallel:
+                summary = _merge(distributed.gather_objects(summary))
+                if config.scale_rewards == "batch":
+                    rewards = summary["rewards"]
+                    divisor = (statistics.pstdev(rewards) if len(rewards) > 1 else 0.0) + ADVANTAGE_EPS
+                    rows = [dataclasses.replace(r, advantage=r.advantage / divisor) for r in rows]
+                adv_stats = AdvantageStats(*(int(v) for v in distributed.all_reduce(dataclasses.astuple(adv_stats))))
+                n_rows = adv_stats.rows
             update: dict[str, Any] = {}
-            if rows:
+            if n_rows:  # every rank takes part in the update when any rank has rows (DDP and TRL's metrics)
                 with policy.lock:
                     # one batch (old log-probs frozen before the first update) for every iteration over these rows
                     batch = updater.to_batch(rows)
@@ -213,15 +272,19 @@ def train_weights(
                 policy.bump_version()
             t2 = time.perf_counter()
 
-            rollouts_done += len(rollouts)
-            metrics = _step_metrics(rollouts, adv_stats, update, with_kl=config.beta > 0)
+            rollouts_done += len(summary["rewards"])
+            metrics = _step_metrics(summary, adv_stats, update, with_kl=config.beta > 0)
             calls_done += metrics["lm_calls"]
             step_events = [e for monitor in monitors for e in (monitor(step + 1, rollouts) or ())]
-            for event in step_events:
+            seconds = (t1 - t0, t2 - t1)
+            if parallel:
+                step_events = [e for rank_events in distributed.gather_objects(step_events) for e in rank_events]
+                seconds = tuple(distributed.all_reduce(seconds, "max"))  # the step waits for the slowest rank
+            for event in step_events if main else ():
                 logger.warning("weight stage step %d: %s", step + 1, getattr(event, "message", event))
             events += step_events
             metrics.update(step=step + 1, rollouts=rollouts_done, total_lm_calls=calls_done,
-                           adapter_version=policy.version, seconds_rollout=t1 - t0, seconds_update=t2 - t1,
+                           adapter_version=policy.version, seconds_rollout=seconds[0], seconds_update=seconds[1],
                            guard_events=len(step_events))
             history.append(metrics)
             for callback in callbacks:
@@ -233,9 +296,12 @@ def train_weights(
                     shown["kl"] = f"{metrics['kl']:.3g}"
                 bar.set_postfix(shown)
             if ckpt_root is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                save_checkpoint(ckpt_root, step + 1, policy, updater, {
-                    "cursor": cursor.state(), "history": _finite(history),
-                    "rollouts": rollouts_done, "lm_calls": calls_done, "config": config.to_dict()})
+                if main:  # the ranks hold identical weights and optimizer state: one copy is written
+                    save_checkpoint(ckpt_root, step + 1, policy, updater, {
+                        "cursor": cursor.state(), "history": _finite(history),
+                        "rollouts": rollouts_done, "lm_calls": calls_done, "config": config.to_dict()})
+                if parallel:  # nobody moves on (or returns and reads it) before the checkpoint is complete
+                    distributed.barrier()
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,139 @@
+"""Worker of tests/rl/test_distributed.py: a short GRPO weight stage under `accelerate launch`, and its replay.
+
+``train OUT MODEL``: run by every rank. Three steps of ``train_weights`` on ``last_digit`` (two steps, a checkpoint,
+then a resume for the third, so that a second DDP wrap in the same process is covered too), recording per rank: the
+questions of each step, the step-1 rollouts and the exact rows the update consumed, the gradient of the first update
+(after DDP's all-reduce), the adapter after step 1 and at the end, and the metric history. At the first update rank 1 trains on one row fewer than it computed, so that the
+ranks bring different row counts whatever was sampled (the padding path). ``replay OUT MODEL``: one process, a fresh
+policy, one update on the union of the rows the ranks trained on at step 1: what DDP must have computed.
+``vllm OUT MODEL URL``: two steps with every rank generating on one shared vLLM server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from programs.tasks import last_digit
+from rl import Policy, WeightStageConfig, distributed, train_weights
+from rl.advantages import Row
+from rl.grpo import GRPOUpdater
+
+# 3 examples over 2 ranks: uneven shards (2 + 1); micro-batches of 2 rows: several per step (no_sync, then sync)
+CONFIG = WeightStageConfig(num_generations=4, examples_per_step=3, max_tokens=16, learning_rate=1e-3,
+                           micro_batch_size=2, max_rollouts=12 * 3, checkpoint_every=1, scale_rewards="batch")
+TRAIN_SIZE = 64
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _capture_first_gradient(out: Path, name: str) -> None:
+    """Save the gradient of the first update (after DDP's all-reduce, before clipping) to ``out/<name>-grad``."""
+    step = GRPOUpdater.step
+
+    def capturing(self, batch):
+        clip = self.trainer._clip_grad_norm
+
+        def capture(model):
+            if not (out / f"{name}-grad.safetensors").exists():
+                save_file({n: p.grad.detach().clone() for n, p in self.policy.model.named_parameters()
+                           if p.grad is not None}, str(out / f"{name}-grad.safetensors"))
+            return clip(model)
+
+        self.trainer._clip_grad_norm = capture
+        return step(self, batch)
+
+    GRPOUpdater.step = capturing
+
+
+def train(out: Path, model_dir: str) -> None:
+    torch.set_num_threads(1)
+    policy = Policy.from_pretrained(model_dir, name="ddp", device="cpu")
+    program, trainset = last_digit.predict_program(), last_digit.load("train", TRAIN_SIZE)
+    batches: list[list] = []  # rows of every update, as the updater received them
+    original = GRPOUpdater.to_batch
+
+    def to_batch(self, rows):
+        if not batches and distributed.rank() == 1:
+            rows = rows[:-1]  # step 1: one row fewer on rank 1, so that the ranks' row counts differ (padding)
+        batches.append([list(r.__dict__.values()) for r in rows])
+        return original(self, rows)
+
+    GRPOUpdater.to_batch = to_batch
+    _capture_first_gradient(out, f"rank{distributed.rank()}")
+    seen: dict[int, list[str]] = {}
+    record: dict = {}
+
+    def monitor(step, rollouts):
+        seen[step] = list(dict.fromkeys(r.example.question for r in rollouts))
+        record.setdefault("updates", {})[step] = len(batches)
+        if step == 1:
+            record["rollouts"] = [[r.example_index, r.sample, r.reward] for r in rollouts]
+            record["rows"] = batches[-1] if batches else []
+            save_file(policy.adapter_state(), str(out / f"rank{distributed.rank()}-step1.safetensors"))
+
+    first = train_weights(program, trainset, last_digit.correct, policy, CONFIG, output_dir=out / "run",
+                          monitors=[monitor], progress=False, stop_after_steps=2)
+    second = train_weights(program, trainset, last_digit.correct, policy, CONFIG, output_dir=out / "run",
+                           resume=True, monitors=[monitor], progress=False)
+    rank = distributed.rank()
+    save_file(policy.adapter_state(), str(out / f"rank{rank}-final.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps(_clean({
+        "rank": rank, "world": distributed.world_size(), "seen": seen, "step1": record,
+        "history": first.history + second.history[2:], "resumed_from": second.resumed_from,
+        "rollouts": second.rollouts, "version": policy.version})))
+
+
+def vllm(out: Path, model_dir: str, url: str) -> None:
+    """Two steps with every rank generating on one shared vLLM server: only rank 0 may load adapters into it."""
+    torch.set_num_threads(1)
+    policy = Policy.from_pretrained(model_dir, name="ddp", device="cpu", engine=url)
+    models: dict[int, list[str]] = {}
+
+    def monitor(step, rollouts):
+        models[step] = sorted({c.model for r in rollouts for c in r.calls})
+
+    config = WeightStageConfig(**{**CONFIG.to_dict(), "max_rollouts": 12 * 2, "checkpoint_every": 0})
+    result = train_weights(last_digit.predict_program(), last_digit.load("train", TRAIN_SIZE), last_digit.correct,
+                           policy, config, monitors=[monitor], progress=False)
+    rank, engine = distributed.rank(), policy.engine
+    record = {"models": models, "swaps": engine.swaps, "name": engine.adapter_name(), "version": policy.version,
+              "updates": sum(h["updated"] for h in result.history)}
+    distributed.barrier()  # every rank is done generating before rank 0 unloads its adapters
+    policy.close()
+    (out / f"vllm-rank{rank}.json").write_text(json.dumps(record))
+
+
+def replay(out: Path, model_dir: str) -> None:
+    torch.set_num_threads(1)
+    policy = Policy.from_pretrained(model_dir, name="ddp", device="cpu")
+    save_file(policy.adapter_state(), str(out / "initial.safetensors"))
+    rows = []
+    for rank in (0, 1):
+        for prompt, completion, advantage, reward, group, truncated in json.loads(
+                (out / f"rank{rank}.json").read_text())["step1"]["rows"]:
+            rows.append(Row(tuple(prompt), tuple(completion), advantage, reward, tuple(group), truncated))
+    _capture_first_gradient(out, "replay")
+    updater = GRPOUpdater(policy, CONFIG, CONFIG.max_steps)
+    metrics = updater.step(updater.to_batch(rows))
+    updater.close()
+    save_file(policy.adapter_state(), str(out / "replay-step1.safetensors"))
+    (out / "replay.json").write_text(json.dumps(_clean(metrics)))
+
+
+if __name__ == "__main__":
+    mode, out_dir, model, *rest = sys.argv[1:]
+    {"train": train, "replay": replay, "vllm": vllm}[mode](Path(out_dir), model, *rest)
