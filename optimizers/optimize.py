@@ -54,6 +54,7 @@ from optimizers.result import (
     write_json,
 )
 from optimizers.schedule import arm_of, format_schedule, parse_schedule
+from rl import distributed
 from rl.atomic import atomic_dir
 from rl.config import WeightStageConfig
 from rl.self_train import SelfTrainConfig, self_train
@@ -148,6 +149,10 @@ def optimize(
         [('0-baseline', 0.42), ('1-p', 0.97), ('2-w', 1.0)]
         >>> answer = result.program(number="1234567").answer                      # doctest: +SKIP
     """
+    if distributed.is_distributed():
+        raise OptimizeError(f"optimize() runs in one process (this is rank {distributed.rank()} of "
+                            f"{distributed.world_size()}): its prompt stages, evaluation and run folder are not "
+                            "rank-aware yet; under accelerate launch run rl.train_weights (docs/cluster.md)")
     stages = _parse(schedule)
     trainset, valset = _check_data(trainset, valset)
     if not callable(metric):
