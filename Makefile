@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The quickstart comparison: prompt-only vs RL-only vs joint at equal budget, 3 seeds each, tracked in ./mlflow.db;
+# then the report read back from MLflow (reports/quickstart/). About 5 minutes once the tiny model is cached.
 demo: install
-	$(VENV)/bin/cotune model build tiny
-	$(PY) -m experiments.weight_demo
+	$(VENV)/bin/cotune model build tiny --eval-size 200 --threads 1
+	$(VENV)/bin/cotune run experiments/quickstart.yaml
+	$(VENV)/bin/cotune compare experiments/quickstart.yaml
 
 test: install
 	$(PY) -m ruff check .

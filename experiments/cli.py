@@ -1,17 +1,27 @@
 """The ``cotune`` command line.
 
 Why argparse: one small dependency-free parser whose ``--help`` is the documentation. Each subcommand is a
-thin shell over the Python API; errors from cotune become a one-line message and exit code 2.
+thin shell over the Python API; errors from cotune become a one-line message and exit code 2 (Ctrl-C: 130).
 
+    cotune run EXPERIMENT.yaml        # every arm x seed of an experiment, tracked in MLflow
+    cotune compare EXPERIMENT.yaml    # read the runs back from MLflow; write a Markdown + PNG report
+    cotune tune EXPERIMENT.yaml --trials N   # one Optuna worker on the experiment's study (start several)
+    cotune export RUN_OR_BUNDLE OUT   # a stand-alone bundle (program + PEFT adapter [+ merged weights])
     cotune model build tiny           # build (or reuse) the embedded test model, then report its accuracy
     cotune model eval PATH            # parse rate and accuracy of any local model on the default task
+
+Tracking URI: ``--tracking-uri`` > the file's ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > ``./mlflow.db``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
+import warnings
+from pathlib import Path
 
 
 def _cmd_model_build(args: argparse.Namespace) -> int:
@@ -36,11 +46,13 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
         bar.close()
     print(f"tiny model ready at {path} ({time.time() - start:.0f}s)")
     if not args.no_eval:
+        _threads(args.threads)  # for the report only: the warm-start training keeps torch's default
         _report(path, args.eval_size)
     return 0
 
 
 def _cmd_model_eval(args: argparse.Namespace) -> int:
+    _threads(args.threads)
     _report(args.path, args.eval_size)
     return 0
 
@@ -53,9 +65,164 @@ def _report(path, n: int) -> None:
         print(row)
 
 
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from experiments.config import describe, load_experiment
+    from experiments.runner import run_experiment
+
+    exp = load_experiment(args.experiment)
+    print(f"[cotune] {describe(exp)}", flush=True)
+    _threads(args.threads or exp.threads)
+    outcomes = run_experiment(exp, arms=_names(args.arms), seeds=_ints(args.seeds), tracking_uri=args.tracking_uri,
+                              track=not args.no_tracking, resume=args.resume, verbose=args.verbose)
+    if outcomes and not args.no_tracking:
+        print(f"[cotune] {len(outcomes)} runs finished; compare them with: cotune compare {args.experiment}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from experiments.compare import compare
+    from experiments.tracking import describe_store, resolve_tracking_uri
+
+    name, configured, out, order = args.experiment, None, None, None
+    if args.experiment.endswith((".yaml", ".yml")) or Path(args.experiment).is_file():
+        from experiments.config import load_experiment
+
+        exp = load_experiment(args.experiment, check_task=False)
+        name, configured, out, order = exp.mlflow_experiment, exp.tracking_uri, exp.reports_dir, [a.name for a in exp.arms]
+    uri = resolve_tracking_uri(args.tracking_uri, configured)
+    report = compare(name, uri, args.out or out or Path("reports") / name, arm_order=order)
+    print(report.table)
+    print(f"\nreport: {report.markdown}")
+    print("plots:  " + ", ".join(str(p) for p in report.plots))
+    print(f"MLflow: {describe_store(uri)}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from experiments.config import load_experiment
+    from experiments.tuning import tune_experiment
+
+    exp = load_experiment(args.experiment)
+    trials = args.trials or (exp.tune.trials if exp.tune else None)
+    if not trials:
+        raise ValueError("how many trials? pass --trials N (or set tune.trials in the file)")
+    _threads(args.threads or exp.threads)
+    outcome = tune_experiment(exp, trials, storage=args.storage, study_name=args.study, tracking_uri=args.tracking_uri,
+                              worker_index=args.worker_index, verbose=args.verbose)
+    states = ", ".join(f"{v} {k.lower()}" for k, v in sorted(outcome.states.items()))
+    print(f"[cotune] study {outcome.study!r}: {states}")
+    if outcome.best is None:
+        print("[cotune] no trial completed yet; no best configuration")
+        return 0
+    best = outcome.best
+    print(f"[cotune] best: trial {best['number']}, val {best['value']:.3f}")
+    for key, value in best["params"].items():
+        print(f"    {key}: {value}")
+    print(f"[cotune] best configuration saved with the study's MLflow run {outcome.study_run_id} (best_config.yaml)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from optimizers.result import export
+
+    source = args.source
+    if source.startswith("runs:/"):
+        source = _download_bundle(source, args.tracking_uri)
+    out = export(source, args.out, merged=args.merged, overwrite=args.overwrite)
+    print(f"bundle written to {out}" + (" (with merged weights)" if args.merged else ""))
+    return 0
+
+
+def _download_bundle(uri: str, tracking_uri: str | None) -> str:
+    """``runs:/<run id>``: the run's ``best/`` bundle, downloaded from MLflow."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from experiments.tracking import check_tracking_uri, resolve_tracking_uri
+
+    tracking = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(tracking)
+    run_id = uri[len("runs:/"):].strip("/").split("/")[0]
+    target = tempfile.mkdtemp(prefix="cotune-export-")
+    try:
+        return MlflowClient(tracking_uri=tracking).download_artifacts(run_id, "best", target)
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        raise ValueError(f"cannot download the bundle of run {run_id} from {tracking}: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cotune", description="Co-optimize prompts and LoRA weights of DSPy programs.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    track = argparse.ArgumentParser(add_help=False)
+    track.add_argument("--tracking-uri", help="MLflow tracking URI (default: the file's tracking.uri, then "
+                                              "$MLFLOW_TRACKING_URI, then sqlite:///./mlflow.db)")
+    compute = argparse.ArgumentParser(add_help=False)
+    compute.add_argument("--threads", type=int, help="torch CPU threads (default: the file's threads, else torch's own; "
+                                                          "1 per worker when several share a machine)")
+    compute.add_argument("--verbose", action="store_true", help="show every progress bar and DSPy message "
+                                                                "(default: one line per stage; the rest goes to a log)")
+
+    run = sub.add_parser("run", parents=[track, compute], help="run every arm x seed of an experiment file",
+                         description="Run every arm x seed of an experiment file (one optimize() call each), tracked "
+                                     "in MLflow: one parent run per call, a nested run per stage.")
+    run.add_argument("experiment", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    run.add_argument("--arms", help="comma-separated arm names to run (default: all)")
+    run.add_argument("--seeds", help="comma-separated seeds to run (default: the file's)")
+    run.add_argument("--resume", action="store_true", help="skip completed runs and continue interrupted ones")
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    run.set_defaults(func=_cmd_run)
+
+    compare = sub.add_parser("compare", parents=[track], help="report comparing an experiment's arms (from MLflow)",
+                             description="Read an experiment's finished runs back from MLflow and write report.md, "
+                                         "val_vs_rollouts.png and final_scores.png; print the table.")
+    compare.add_argument("experiment", help="experiment YAML, or an MLflow experiment name")
+    compare.add_argument("--out", help="report folder (default: the file's report_dir, else reports/<experiment>)")
+    compare.set_defaults(func=_cmd_compare)
+
+    tune = sub.add_parser("tune", parents=[track, compute], help="one Optuna worker on the experiment's study",
+                          description="Join (or create) the experiment's Optuna study and run N trials in this "
+                                      "process; each trial is an optimize() run nested under the study's MLflow run. "
+                                      "Start several workers with the same --storage to share the study.")
+    tune.add_argument("experiment", help="experiment YAML with a tune: section")
+    tune.add_argument("--trials", type=int, help="trials this worker runs (default: tune.trials)")
+    tune.add_argument("--storage", help="Optuna storage: sqlite:///optuna.db (default: tune.storage), "
+                                        "postgresql+psycopg://user@host/db, journal:PATH")
+    tune.add_argument("--study", help="study name (default: tune.study, else the experiment's name)")
+    tune.add_argument("--worker-index", type=int, default=0,
+                      help="distinct per worker of one study (offsets the sampler's seed)")
+    tune.set_defaults(func=_cmd_tune)
+
+    export = sub.add_parser("export", parents=[track], help="write a stand-alone bundle (program + PEFT adapter)",
+                            description="Copy the best program and adapter of a run folder, a bundle, or an MLflow "
+                                        "run (runs:/<run id>) into OUT, optionally with the adapter merged into full "
+                                        "weights.")
+    export.add_argument("source", help="a run folder (runs/<exp>/<arm>/seed-<k>), a bundle, or runs:/<run id>")
+    export.add_argument("out", help="the bundle folder to write")
+    export.add_argument("--merged", action="store_true", help="also write merged full weights (a plain HF model)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    export.set_defaults(func=_cmd_export)
 
     model = sub.add_parser("model", help="build or inspect local models").add_subparsers(dest="model_cmd", required=True)
     build = model.add_parser("build", help="build the embedded tiny model (cached under $COTUNE_CACHE)")
@@ -64,24 +231,57 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     build.add_argument("--no-eval", action="store_true", help="skip the accuracy report after building")
     build.add_argument("--eval-size", type=int, default=500, help="held-out questions for the report")
+    build.add_argument("--threads", type=int, help="torch CPU threads for the report (1 is fastest for the tiny "
+                                                   "model on 2 cores)")
     build.set_defaults(func=_cmd_model_build)
 
     evaluate = model.add_parser("eval", help="accuracy of a local model folder on the default task")
     evaluate.add_argument("path", help="a Hugging Face model folder")
     evaluate.add_argument("--eval-size", type=int, default=500)
+    evaluate.add_argument("--threads", type=int, help="torch CPU threads")
     evaluate.set_defaults(func=_cmd_model_eval)
     return parser
 
 
+def _quiet_libraries() -> None:
+    import logging
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    for name in ("mlflow", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # A tracking server that goes away mid-run should cost seconds of retries, not minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def _sigterm(signum, frame):  # noqa: ARG001 - a polite kill ends runs as KILLED, like Ctrl-C
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    from experiments.tracking import TrackingError
     from rl.errors import CotuneRLError
 
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    previous = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
     try:
         return args.func(args)
-    except (CotuneRLError, ValueError, FileNotFoundError) as exc:
-        print(f"cotune: error: {exc}", file=sys.stderr)
+    except (CotuneRLError, TrackingError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"cotune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("cotune: interrupted (open MLflow runs were marked KILLED)", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

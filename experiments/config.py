@@ -1,0 +1,685 @@
+"""Experiment files (``experiments/*.yaml``): one schema, validated before anything runs.
+
+Why a schema of our own: an experiment is hours of CPU; a typo in ``weights.learnin_rate`` or a schedule
+``"p -> x"`` must fail in a second, with the file, the line and the key named, not after the first arm.
+PyYAML's node tree carries line numbers (``yaml.compose``); we keep them for every key and report errors as
+``quickstart.yaml:12: weights.learning_rate: must be > 0, got -1``.
+
+The file::
+
+    name: quickstart                 # MLflow experiment name (unless tracking.experiment says otherwise)
+    task: last_digit                 # a registered task, or {name: last_digit, options: {min_digits: 5}}
+    program: predict                 # one of the task's programs (default: the task's default program)
+    model: tiny                      # "tiny" (the embedded model) or a local HF model folder
+    metric: rubric                   # "rubric" (the task's), "gold" (its gold metric) or "module:attr"
+    gold: true                       # also score the task's gold metric (never optimized): reward-hacking guard
+    data: {train: 32, val: 32, test: 100, seed: 0}
+    arms:                            # name -> schedule (or a list of schedules, named by their arm)
+      prompt-only: "p"
+      rl-only: "w"
+      joint: "p -> w"
+    seeds: [0, 1, 2]                 # or a count: 3
+    budget: 600                      # rollouts per run, or {rollouts: 600, lm_calls: 2000}
+    prompt: {num_candidate_programs: 8}     # optimizers.PromptStageConfig fields
+    weights: {learning_rate: 1.0e-3}        # rl.WeightStageConfig fields
+    self_training: {}                       # rl.self_train.SelfTrainConfig fields
+    lora: {r: 16, alpha: 32}                # rl.LoraSettings fields
+    tracking: {uri: sqlite:///mlflow.db, experiment: quickstart}
+    threads: 1                       # torch CPU threads (1 is fastest for the tiny model on 2 cores)
+    tune:                            # `cotune tune`: Optuna study over this experiment
+      storage: sqlite:///optuna.db
+      space:
+        schedule: {choices: ["p -> w", "w -> p"]}
+        weights.learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}
+
+Note: YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); numeric strings are accepted for float fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Path_ = tuple[Any, ...]
+
+TOP_KEYS = ("name", "description", "task", "program", "model", "metric", "gold", "data", "arms", "seeds", "budget",
+            "prompt", "weights", "self_training", "lora", "eval", "tracking", "output_dir", "report_dir", "threads",
+            "tune")
+DATA_KEYS = {"train": 32, "val": 32, "test": 0, "seed": 0}
+TRACKING_KEYS = ("uri", "experiment", "artifacts")
+EVAL_KEYS = ("threads", "max_tokens")
+TUNE_KEYS = ("study", "storage", "seed", "direction", "sampler", "pruner", "space", "enqueue", "trials")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "percentile", "none")
+
+
+class ConfigError(ValueError):
+    """A bad experiment file; ``str()`` is one line: ``FILE:LINE: KEY: what is wrong``."""
+
+    def __init__(self, message: str, *, source: str = "", line: int | None = None, key: str = "") -> None:
+        self.source, self.line, self.key, self.problem = source, line, key, message
+        where = source + (f":{line}" if line else "")
+        text = ": ".join(part for part in (where, key, message) if part)
+        super().__init__(" ".join(text.split()))
+
+
+class _Problem(Exception):
+    """Raised inside validation with the key path; turned into a :class:`ConfigError` with its line."""
+
+    def __init__(self, path: Path_, message: str) -> None:
+        super().__init__(message)
+        self.path, self.message = path, message
+
+
+# --- the validated experiment -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the comparison: a name (tag ``arm``) and its schedule (``"p -> w"``)."""
+
+    name: str
+    schedule: str
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """The ``tune:`` section: where the Optuna study lives and what it searches."""
+
+    study: str
+    storage: str | None = None
+    seed: int = 0
+    direction: str = "maximize"
+    sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe"})
+    pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median"})
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    trials: int | None = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment file (see the module docstring for the keys)."""
+
+    name: str
+    task: str | dict[str, Any]
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...]
+    budget: int | dict[str, int] | None
+    program: str | None = None
+    model: str = "tiny"
+    metric: str = "rubric"
+    gold: bool = True
+    description: str = ""
+    data: dict[str, int] = field(default_factory=lambda: dict(DATA_KEYS))
+    prompt: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
+    self_training: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    tracking_uri: str | None = None
+    tracking_experiment: str | None = None
+    log_artifacts: bool = True
+    output_dir: str | None = None
+    report_dir: str | None = None
+    threads: int | None = None
+    tune: TuneSpec | None = None
+    source: str = ""
+
+    @property
+    def task_name(self) -> str:
+        return self.task if isinstance(self.task, str) else str(self.task["name"])
+
+    @property
+    def mlflow_experiment(self) -> str:
+        return self.tracking_experiment or self.name
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.output_dir or Path("runs") / self.name)
+
+    @property
+    def reports_dir(self) -> Path:
+        return Path(self.report_dir or Path("reports") / self.name)
+
+    def arm(self, name: str) -> Arm:
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise ConfigError(f"no arm named {name!r}; the arms are {[a.name for a in self.arms]}", source=self.source)
+
+    def with_overrides(self, params: Mapping[str, Any]) -> Experiment:
+        """A copy with dotted overrides applied (``{"weights.beta": 0.04, "schedule": "p -> w"}``), as a trial uses.
+
+        ``schedule`` replaces the arms by one arm named after the schedule.
+        """
+        changes: dict[str, Any] = {}
+        for key, value in params.items():
+            if key == "schedule":
+                changes["arms"] = (Arm(name=str(value), schedule=str(value)),)
+                continue
+            if key == "budget":
+                changes["budget"] = value
+                continue
+            section, _, leaf = key.partition(".")
+            if section not in ("prompt", "weights", "self_training", "lora") or not leaf:
+                raise ConfigError(f"cannot override {key!r}", source=self.source)
+            changes.setdefault(section, dict(getattr(self, section)))[leaf] = value
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The experiment as plain data (what ``best_config.yaml`` and MLflow params record)."""
+        out = dataclasses.asdict(self)
+        out["arms"] = {a.name: a.schedule for a in self.arms}
+        out["seeds"] = list(self.seeds)
+        return out
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_experiment(path: str | os.PathLike, *, check_task: bool = True) -> Experiment:
+    """Read and validate an experiment file.
+
+    Args:
+        path: the YAML file.
+        check_task: resolve the task and program names now (so a typo fails before any run).
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown or missing key, bad value; the message names the
+            file, the line and the key.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError("no such experiment file (pass a path such as experiments/quickstart.yaml)",
+                          source=source) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file ({exc.strerror or exc})", source=source) from None
+    return parse_experiment(text, source=source, check_task=check_task)
+
+
+def parse_experiment(text: str, *, source: str = "<string>", check_task: bool = True) -> Experiment:
+    """Validate experiment YAML given as text (see :func:`load_experiment`)."""
+    data, lines = _compose(text, source)
+    try:
+        return _validate(data, source, check_task)
+    except _Problem as problem:
+        raise ConfigError(problem.message, source=source, line=_line_of(lines, problem.path),
+                          key=_dotted(problem.path)) from None
+
+
+def _compose(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
+    """Python data and the line of every key path (duplicate keys are errors, not silently merged)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError("the file is empty; see experiments/quickstart.yaml for an example", source=source)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.context_mark is not None and exc.problem_mark is not None \
+                and exc.context_mark.line != exc.problem_mark.line:
+            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
+        raise ConfigError(f"YAML syntax error: {problem}", source=source,
+                          line=mark.line + 1 if mark is not None else None) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML error: {exc}", source=source) from None
+    finally:
+        loader.dispose()
+    lines: dict[Path_, int] = {}
+
+    def walk(n: yaml.Node, path: Path_) -> None:
+        lines.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, value_node in n.value:
+                key = key_node.value
+                if key in seen:
+                    raise ConfigError(f"duplicate key {key!r} (YAML would silently keep the last one)",
+                                      source=source, line=key_node.start_mark.line + 1, key=_dotted(path + (key,)))
+                seen.add(key)
+                lines[path + (key,)] = key_node.start_mark.line + 1
+                walk(value_node, path + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, path + (i,))
+
+    walk(node, ())
+    return data, lines
+
+
+def _line_of(lines: dict[Path_, int], path: Path_) -> int | None:
+    while path and path not in lines:
+        path = path[:-1]
+    return lines.get(path)
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+def _validate(data: Any, source: str, check_task: bool) -> Experiment:
+    if not isinstance(data, dict):
+        raise _Problem((), f"the file must be a mapping of keys (name, task, arms, ...), got {_kind(data)}")
+    _no_unknown(data, TOP_KEYS, ())
+    name = _required(data, "name", ())
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise _Problem(("name",), f"must be a name of letters, digits, '_', '-' or '.', got {name!r}")
+
+    task = _task(data.get("task", None) if "task" in data else _required(data, "task", ()))
+    program = data.get("program")
+    if program is not None and not isinstance(program, str):
+        raise _Problem(("program",), f"must be the name of one of the task's programs, got {_kind(program)}")
+    if check_task:
+        _check_task(task, program)
+    model = data.get("model", "tiny")
+    if not isinstance(model, str) or not model:
+        raise _Problem(("model",), f"must be 'tiny' or a local model folder, got {model!r}")
+    if model != "tiny" and not Path(model).expanduser().exists():
+        raise _Problem(("model",), f"model folder {model!r} does not exist (use 'tiny' for the embedded model)")
+    metric = data.get("metric", "rubric")
+    if not isinstance(metric, str) or not (metric in ("rubric", "gold") or re.fullmatch(r"[\w.]+:[\w.]+", metric)):
+        raise _Problem(("metric",), f"must be 'rubric', 'gold' or 'package.module:name', got {metric!r}")
+    if ":" in metric:
+        _import(metric, ("metric",))
+
+    arms = _arms(_required(data, "arms", ()))
+    seeds = _seeds(data.get("seeds", [0]))
+    budget = _budget(data.get("budget"))
+    data_cfg = _data(data.get("data", {}))
+    prompt = _section(data, "prompt", _prompt_cls())
+    weights = _section(data, "weights", _weights_cls(), sentinel={"max_rollouts": 10**9})
+    self_training = _section(data, "self_training", _self_train_cls())
+    lora = _section(data, "lora", _lora_cls())
+    eval_cfg = _plain_section(data, "eval", EVAL_KEYS, {"threads": int, "max_tokens": int})
+    tracking = _plain_section(data, "tracking", TRACKING_KEYS, {"uri": str, "experiment": str, "artifacts": bool})
+    if tracking.get("uri"):
+        _check_uri(tracking["uri"], ("tracking", "uri"))
+    gold = data.get("gold", True)
+    if not isinstance(gold, bool):
+        raise _Problem(("gold",), f"must be true or false, got {gold!r}")
+    threads = data.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise _Problem(("threads",), f"must be a positive integer (torch CPU threads), got {threads!r}")
+    for key in ("description", "output_dir", "report_dir"):
+        if key in data and not isinstance(data[key], str):
+            raise _Problem((key,), f"must be a string, got {_kind(data[key])}")
+    tune = _tune(data["tune"], name) if "tune" in data else None
+    return Experiment(
+        name=name, task=task, program=program, model=model, metric=metric, gold=gold, arms=arms, seeds=seeds,
+        budget=budget, description=data.get("description", ""), data=data_cfg, prompt=prompt, weights=weights,
+        self_training=self_training, lora=lora, eval=eval_cfg, tracking_uri=tracking.get("uri"),
+        tracking_experiment=tracking.get("experiment"), log_artifacts=tracking.get("artifacts", True),
+        output_dir=data.get("output_dir"), report_dir=data.get("report_dir"), threads=threads, tune=tune, source=source)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
+        type(value), f"{type(value).__name__} {value!r}")
+
+
+def _required(data: dict, key: str, path: Path_) -> Any:
+    if key not in data or data[key] is None:
+        raise _Problem(path + (key,), "is required")
+    return data[key]
+
+
+def _no_unknown(data: dict, allowed, path: Path_) -> None:
+    for key in data:
+        if key not in allowed:
+            hint = _close(key, allowed)
+            raise _Problem(path + (key,), f"unknown key{hint}; allowed keys here: {', '.join(map(str, allowed))}")
+
+
+def _close(key: Any, allowed) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _task(value: Any) -> str | dict[str, Any]:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, dict):
+        _no_unknown(value, ("name", "options"), ("task",))
+        if not isinstance(value.get("name"), str):
+            raise _Problem(("task", "name"), "is required (a registered task name)")
+        options = value.get("options") or {}
+        if not isinstance(options, dict):
+            raise _Problem(("task", "options"), f"must be a mapping, got {_kind(options)}")
+        return {"name": value["name"], "options": options}
+    raise _Problem(("task",), f"must be a task name or {{name: ..., options: {{...}}}}, got {_kind(value)}")
+
+
+def _check_task(task: str | dict, program: str | None) -> None:
+    from experiments.tasks import TaskLookupError, resolve_task
+
+    try:
+        resolved = resolve_task(task)
+    except TaskLookupError as exc:
+        key = ("task",) if isinstance(task, str) else ("task", "options" if exc.kind == "options" else "name")
+        raise _Problem(key, str(exc)) from None
+    if program is not None and program not in resolved.programs:
+        raise _Problem(("program",), f"task {resolved.name!r} has no program {program!r}; its programs are "
+                                     f"{sorted(resolved.programs)}")
+
+
+def _import(spec: str, path: Path_) -> Any:
+    module, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise _Problem(path, f"cannot import {spec!r}: {exc}") from None
+    if not callable(obj):
+        raise _Problem(path, f"{spec!r} is not callable (a metric, a Rubric or a function returning one)")
+    return obj
+
+
+def _arms(value: Any) -> tuple[Arm, ...]:
+    from optimizers.schedule import ScheduleError, arm_of, format_schedule, parse_schedule
+
+    items: list[tuple[str | None, Any, Path_]]
+    if isinstance(value, dict):
+        items = [(str(k), v, ("arms", k)) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(None, v, ("arms", i)) for i, v in enumerate(value)]
+    else:
+        raise _Problem(("arms",), f"must map arm names to schedules (joint: 'p -> w') or list schedules, "
+                                  f"got {_kind(value)}")
+    if not items:
+        raise _Problem(("arms",), "needs at least one arm")
+    arms: list[Arm] = []
+    for name, schedule, path in items:
+        if not isinstance(schedule, str):
+            raise _Problem(path, f"a schedule is a string like 'p -> w', got {_kind(schedule)}")
+        try:
+            stages = parse_schedule(schedule)
+        except ScheduleError as exc:
+            raise _Problem(path, str(exc)) from None
+        arms.append(Arm(name=name or arm_of(stages), schedule=format_schedule(stages)))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        if isinstance(value, list):  # several schedules of one arm kind: name them by their schedule
+            arms = [Arm(name=a.schedule, schedule=a.schedule) for a in arms]
+        if len({a.name for a in arms}) != len(arms):
+            raise _Problem(("arms",), f"arm names must be unique, got {names}")
+    return tuple(arms)
+
+
+def _seeds(value: Any) -> tuple[int, ...]:
+    if isinstance(value, bool):
+        raise _Problem(("seeds",), f"must be a list of integers or a count, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise _Problem(("seeds",), f"a count of seeds must be >= 1, got {value}")
+        return tuple(range(value))
+    if not isinstance(value, list) or not value:
+        raise _Problem(("seeds",), f"must be a non-empty list of integers or a count, got {_kind(value)}")
+    for i, s in enumerate(value):
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise _Problem(("seeds", i), f"a seed is an integer >= 0, got {s!r}")
+    if len(set(value)) != len(value):
+        raise _Problem(("seeds",), f"seeds must be distinct, got {value}")
+    return tuple(value)
+
+
+def _budget(value: Any) -> int | dict[str, int] | None:
+    from optimizers.budget import Budget, BudgetError
+
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        _no_unknown(value, ("rollouts", "lm_calls"), ("budget",))
+        for key, v in value.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise _Problem(("budget", key), f"must be a positive integer, got {v!r}")
+    elif not isinstance(value, int) or isinstance(value, bool):
+        raise _Problem(("budget",), f"must be rollouts (an integer) or {{rollouts: R, lm_calls: C}}, got {_kind(value)}")
+    try:
+        Budget.coerce(value)
+    except BudgetError as exc:
+        raise _Problem(("budget",), str(exc)) from None
+    return value
+
+
+def _data(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise _Problem(("data",), f"must be a mapping like {{train: 32, val: 32}}, got {_kind(value)}")
+    _no_unknown(value, tuple(DATA_KEYS), ("data",))
+    out = dict(DATA_KEYS)
+    for key, v in value.items():
+        minimum = 1 if key in ("train", "val") else 0
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise _Problem(("data", key), f"must be an integer >= {minimum}, got {v!r}")
+        out[key] = v
+    return out
+
+
+def _prompt_cls():
+    from optimizers.prompt_stage import PromptStageConfig
+
+    return PromptStageConfig
+
+
+def _weights_cls():
+    from rl.config import WeightStageConfig
+
+    return WeightStageConfig
+
+
+def _self_train_cls():
+    from rl.self_train import SelfTrainConfig
+
+    return SelfTrainConfig
+
+
+def _lora_cls():
+    from rl.policy import LoraSettings
+
+    return LoraSettings
+
+
+def _section(data: dict, key: str, cls, sentinel: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config section checked against ``cls``'s fields and its own validation (``__post_init__``)."""
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise _Problem((key,), f"must be a mapping of {cls.__name__} settings, got {_kind(value)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _no_unknown(value, tuple(fields), (key,))
+    out = {name: coerce_field(fields[name], v, (key, name)) for name, v in value.items()}
+    check_dataclass(cls, out, (key,), sentinel)
+    return out
+
+
+def coerce_field(f: dataclasses.Field, value: Any, path: Path_) -> Any:
+    """A YAML value for a dataclass field, typed by the field's default (numeric strings become floats)."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise _Problem(path, f"must be true or false, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Problem(path, f"must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Problem(path, f"must be a number, got {value!r}")
+        return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Problem(path, f"must be an integer, got {value!r}")
+    elif f.name == "target_modules" and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def check_dataclass(cls, values: dict[str, Any], path: Path_, sentinel: dict[str, Any] | None = None) -> None:
+    """Build ``cls(**values)`` to run its own checks; blame the field its message names (else the section)."""
+    try:
+        cls(**{**(sentinel or {}), **values})
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        blamed = next((name for name in values if re.search(rf"\b{re.escape(name)}\b", message)), None)
+        raise _Problem(path + ((blamed,) if blamed else ()), message) from None
+
+
+def _plain_section(data: dict, key: str, allowed, types: dict[str, type]) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise _Problem((key,), f"must be a mapping with keys {', '.join(allowed)}, got {_kind(value)}")
+    _no_unknown(value, allowed, (key,))
+    for name, v in value.items():
+        expected = types[name]
+        if not isinstance(v, expected) or (expected is int and (isinstance(v, bool) or v < 1)):
+            raise _Problem((key, name), f"must be {'a positive integer' if expected is int else expected.__name__}, "
+                                        f"got {v!r}")
+    return dict(value)
+
+
+def _check_uri(uri: str, path: Path_) -> None:
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    if scheme in ("file", "") or uri.startswith("./") or uri.startswith("/"):
+        raise _Problem(path, f"{uri!r} is a file store, which MLflow 3 no longer accepts; use "
+                             "sqlite:///path/mlflow.db or an http(s):// tracking server")
+
+
+def _tune(value: Any, name: str) -> TuneSpec:
+    from optimizers.tune import TuneError, parse_param
+
+    if not isinstance(value, dict):
+        raise _Problem(("tune",), f"must be a mapping (storage, space, ...), got {_kind(value)}")
+    _no_unknown(value, TUNE_KEYS, ("tune",))
+    study = value.get("study", name)
+    if not isinstance(study, str) or not study:
+        raise _Problem(("tune", "study"), f"must be a name, got {study!r}")
+    storage = value.get("storage")
+    if storage is not None and (not isinstance(storage, str) or ":" not in storage):
+        raise _Problem(("tune", "storage"), f"must be a database URL (sqlite:///optuna.db, postgresql+psycopg://...) "
+                                            f"or journal:PATH, got {storage!r}")
+    seed = value.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise _Problem(("tune", "seed"), f"must be an integer >= 0, got {seed!r}")
+    trials = value.get("trials")
+    if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 1):
+        raise _Problem(("tune", "trials"), f"must be a positive integer, got {trials!r}")
+    direction = value.get("direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise _Problem(("tune", "direction"), f"must be 'maximize' or 'minimize', got {direction!r}")
+    sampler = _typed(value.get("sampler", {"type": "tpe"}), ("tune", "sampler"), SAMPLERS,
+                     {"tpe": ("type", "seed", "n_startup_trials"), "random": ("type", "seed")})
+    pruner = _typed(value.get("pruner", {"type": "median"}), ("tune", "pruner"), PRUNERS,
+                    {"median": ("type", "n_startup_trials", "n_warmup_steps"),
+                     "percentile": ("type", "percentile", "n_startup_trials", "n_warmup_steps"), "none": ("type",)})
+    space_value = value.get("space")
+    if not isinstance(space_value, dict) or not space_value:
+        raise _Problem(("tune", "space"), "is required: a mapping of parameters to search, e.g. "
+                                          "{schedule: {choices: ['p -> w', 'w -> p']}}")
+    space: dict[str, dict[str, Any]] = {}
+    for key, spec in space_value.items():
+        path = ("tune", "space", key)
+        hint = _check_space_key(str(key), path)
+        try:
+            param = parse_param(str(key), spec, hint)
+        except TuneError as exc:
+            raise _Problem(path, str(exc)) from None
+        _check_space_values(param, path)
+        space[str(key)] = _normalized(param)
+    enqueue = value.get("enqueue") or []
+    if not isinstance(enqueue, list):
+        raise _Problem(("tune", "enqueue"), f"must be a list of parameter mappings, got {_kind(enqueue)}")
+    for i, params in enumerate(enqueue):
+        if not isinstance(params, dict):
+            raise _Problem(("tune", "enqueue", i), f"must be a mapping of space parameters, got {_kind(params)}")
+        for key in params:
+            if key not in space:
+                raise _Problem(("tune", "enqueue", i, key), f"is not a parameter of tune.space ({', '.join(space)})")
+    return TuneSpec(study=study, storage=storage, seed=seed, direction=direction, sampler=sampler, pruner=pruner,
+                    space=space, enqueue=[dict(p) for p in enqueue], trials=trials)
+
+
+def _typed(value: Any, path: Path_, kinds: tuple[str, ...], keys: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict):
+        raise _Problem(path, f"must be a type name ({', '.join(kinds)}) or a mapping with 'type', got {_kind(value)}")
+    kind = value.get("type", kinds[0])
+    if kind not in kinds:
+        raise _Problem(path + ("type",), f"must be one of {', '.join(kinds)}, got {kind!r}")
+    _no_unknown(value, keys[kind], path)
+    for key, v in value.items():
+        if key != "type" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise _Problem(path + (key,), f"must be a number >= 0, got {v!r}")
+    return {"type": kind, **{k: v for k, v in value.items() if k != "type"}}
+
+
+SPACE_SECTIONS = {"prompt": _prompt_cls, "weights": _weights_cls, "self_training": _self_train_cls, "lora": _lora_cls}
+
+
+def _check_space_key(key: str, path: Path_) -> str | None:
+    """Check a search parameter's name; return the type of its range ("int"/"float") from the field's default."""
+    if key == "schedule":
+        return None
+    if key == "budget":
+        return "int"
+    section, _, leaf = key.partition(".")
+    if section not in SPACE_SECTIONS or not leaf:
+        raise _Problem(path, "a search parameter is 'schedule', 'budget' or SECTION.FIELD with SECTION one of "
+                             f"{', '.join(SPACE_SECTIONS)} (e.g. weights.learning_rate, lora.r)")
+    fields = {f.name: f for f in dataclasses.fields(SPACE_SECTIONS[section]())}
+    if leaf not in fields:
+        raise _Problem(path, f"{section} has no setting {leaf!r}{_close(leaf, fields)}")
+    default = fields[leaf].default
+    if isinstance(default, bool):
+        return None
+    return "int" if isinstance(default, int) else "float" if isinstance(default, float) else None
+
+
+def _normalized(param) -> dict[str, Any]:
+    if param.kind == "categorical":
+        return {"choices": list(param.choices)}
+    out = {"type": param.kind, "low": param.low, "high": param.high, "log": param.log}
+    if param.step is not None:
+        out["step"] = param.step
+    return out
+
+
+def _check_space_values(param, path: Path_) -> None:
+    from optimizers.schedule import ScheduleError, parse_schedule
+
+    if param.name == "schedule":
+        if param.choices is None:
+            raise _Problem(path, "schedule is searched among choices: {choices: ['p -> w', 'w -> p']}")
+        for i, choice in enumerate(param.choices):
+            try:
+                parse_schedule(choice)
+            except ScheduleError as exc:
+                raise _Problem(path + ("choices", i), str(exc)) from None
+
+
+def describe(exp: Experiment) -> str:
+    """One line per arm, what `cotune run` is about to do."""
+    arms = ", ".join(f"{a.name} ({a.schedule})" for a in exp.arms)
+    return (f"experiment {exp.name!r}: task {exp.task_name}, model {exp.model}, arms {arms}, seeds "
+            f"{list(exp.seeds)}, budget {exp.budget} rollouts per run")

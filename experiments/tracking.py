@@ -1,0 +1,420 @@
+"""MLflow tracking of ``optimize()`` runs: one parent run per call, one nested run per stage.
+
+Why a callback on an explicit client: ``optimizers/`` knows nothing of MLflow (``optimize()`` works with
+tracking off), and MLflow's fluent API keeps its active-run stack per thread. :class:`MlflowTracking` talks to
+an ``MlflowClient`` with explicit experiment and run ids, so it works from any thread, nests runs under any
+parent (an Optuna study run, say) and never touches the process-global active run.
+
+What is logged (the x-axis of every curve is *rollouts spent*, the currency all arms share):
+
+* parent run -- tags ``arm``, ``schedule``, ``task``, ``seed``, ``model_hash`` (+ the caller's); params: the
+  run's full configuration flattened (``weights.learning_rate``, ``lora.r``, ``budget.rollouts`` ...);
+  metrics ``val_score`` (and ``val/<component>``, ``gold_score``) after every stage at step = total rollouts,
+  the weight stages' per-step metrics, and at the end ``final_val_score`` (the returned program's), ``last_val_score``,
+  ``total_rollouts``, ``total_lm_calls``; artifacts: ``manifest.json``, ``run.json`` and ``best/`` (the bundle:
+  program JSON + PEFT adapter + manifest).
+* stage run (nested) -- tags ``stage``, ``stage_index``; per-step metrics of a ``w``/``s`` stage (reward
+  mean/std and each rubric component, parse failures, KL, tokens...) at step = total rollouts; the stage's
+  val score and spend; artifacts: ``program.json``, ``adapter/``, ``predictions.jsonl``, ``record.json``.
+
+A crash marks the open runs FAILED (Ctrl-C: KILLED; an Optuna prune: KILLED with tag ``cotune.outcome=pruned``)
+and keeps everything logged so far. A logging failure after the run started is a warning, never the end of a
+training run.
+
+Example:
+    >>> from experiments.tracking import MlflowTracking                              # doctest: +SKIP
+    >>> tracking = MlflowTracking("sqlite:///mlflow.db", "quickstart", tags={"task": "x"})  # doctest: +SKIP
+    >>> optimize(program, train, val, metric=rubric, policy=policy, callbacks=[tracking])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from optimizers.callbacks import OptimizeCallback
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DB = "mlflow.db"
+KIND_TAG = "cotune.kind"  # "run" (cotune run), "trial" (cotune tune), "study" (a tuning study's parent run)
+OUTCOME_TAG = "cotune.outcome"  # completed / failed / killed / pruned
+MAX_PARAM_CHARS = 6000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, bad URI); the message says which and why."""
+
+
+# --- where runs go ------------------------------------------------------------------------------
+
+
+def default_tracking_uri(directory: str | os.PathLike | None = None) -> str:
+    """``sqlite:///<cwd>/mlflow.db``: MLflow 3 refuses the old file store, so the default is explicit."""
+    return f"sqlite:///{(Path(directory or Path.cwd()) / DEFAULT_DB).resolve()}"
+
+
+def resolve_tracking_uri(explicit: str | None = None, configured: str | None = None) -> str:
+    """The tracking URI: ``explicit`` (CLI) > ``configured`` (experiment file) > ``$MLFLOW_TRACKING_URI`` > default."""
+    return explicit or configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:"):
+        return None
+    path = re.sub(r"^sqlite:/{2,3}", "", uri)
+    if uri.startswith("sqlite:////"):
+        path = "/" + path.lstrip("/")
+    elif uri.startswith("sqlite:///") and not path.startswith("/"):
+        path = str(Path.cwd() / path)
+    return Path(path.split("?", 1)[0])
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any run starts, when the store cannot be used.
+
+    Raises:
+        TrackingError: an http(s) server that does not answer, a sqlite file in a missing folder, a file store,
+            or a database that refuses connections.
+    """
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+        for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+            try:
+                with urllib.request.urlopen(base + path, timeout=timeout) as response:
+                    if response.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):
+                    raise TrackingError(f"MLflow server {uri} refused the request (HTTP {exc.code}); check "
+                                        "credentials (MLFLOW_TRACKING_TOKEN) or its --allowed-hosts") from None
+                continue
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
+                                    "(mlflow server --host 127.0.0.1 --port PORT) or fix tracking.uri / "
+                                    "MLFLOW_TRACKING_URI") from None
+        raise TrackingError(f"{uri} answers, but not as an MLflow tracking server (no /health, no REST API)")
+    if uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use "
+                            f"sqlite:///{DEFAULT_DB} or an http(s):// server")
+    sqlite = _sqlite_path(uri)
+    if sqlite is not None and not sqlite.parent.is_dir():
+        raise TrackingError(f"tracking URI {uri}: folder {str(sqlite.parent)!r} does not exist")
+    from mlflow import MlflowClient
+
+    # Opening a database store creates or migrates its tables; two processes doing that to a fresh file at once can
+    # collide ("duplicate column name"), so a failure is retried before it counts.
+    attempts = 5 if sqlite is not None else 1
+    for attempt in range(attempts):
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            return
+        except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to the user
+            if attempt + 1 < attempts:
+                time.sleep(1.0 + random.random() * 2)
+                continue
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TrackingError(f"cannot use tracking store {redact(uri)}: {first}") from None
+
+
+def describe_store(uri: str) -> str:
+    """Where the runs are and how to look at them."""
+    sqlite = _sqlite_path(uri)
+    if sqlite is not None:
+        return (f"{uri} (artifacts in {sqlite.parent / 'mlruns'}); browse with: "
+                f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow server {uri} (open it in a browser)"
+    return redact(uri)
+
+
+def redact(uri: str) -> str:
+    """A URI safe to print: ``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
+    return re.sub(r"(//[^/:@]+):[^@/]*@", r"\1:***@", uri)
+
+
+def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
+    """The experiment id of ``name``, created if missing (safe when several workers race to create it)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) "
+                                "or use another name (tracking.experiment)")
+        return experiment.experiment_id
+    sqlite = _sqlite_path(uri)
+    location = (sqlite.parent / "mlruns").resolve().as_uri() if sqlite is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - another worker created it between our two calls
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+# --- flattening -----------------------------------------------------------------------------------
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"weights": {"lr": 1}}`` -> ``{"weights.lr": 1}`` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _metric_key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+def _finite_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:5000]
+
+
+# --- the callback ---------------------------------------------------------------------------------
+
+
+class MlflowTracking(OptimizeCallback):
+    """Log an ``optimize()`` call to MLflow (see the module docstring for what goes where).
+
+    Args:
+        tracking_uri: any MLflow tracking URI (``sqlite:///mlflow.db``, ``http://127.0.0.1:5000``, ...).
+        experiment: MLflow experiment name (created if missing).
+        tags: extra tags on the parent run (``task``, ``experiment``, ``cotune.kind``, Optuna trial number ...).
+        run_name: the parent run's name (default ``<arm>-seed<seed>``).
+        parent_run_id: nest the parent run under this run (a tuning study's run).
+        log_artifacts: upload program JSON, adapters, predictions and bundles.
+        extra_params: more params for the parent run (flattened), e.g. a trial's sampled values.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, *, tags: Mapping[str, Any] | None = None,
+                 run_name: str | None = None, parent_run_id: str | None = None, log_artifacts: bool = True,
+                 extra_params: Mapping[str, Any] | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self.run_name = run_name
+        self.parent_run_id = parent_run_id
+        self.log_artifacts = log_artifacts
+        self.extra_params = dict(extra_params or {})
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self.stage_runs: dict[int, str] = {}
+        self._open_stage: int | None = None
+        self._rollouts_before = 0
+        self._started = 0.0
+        self.errors = 0
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _safe(self, what: str, fn, *args, **kwargs) -> Any:
+        """Logging must never end a training run: a failure is a warning (and counted)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.errors += 1
+            logger.warning("MLflow tracking: %s failed (%s); the run goes on", what, _one_line(exc))
+            return None
+
+    def _log_batch(self, run_id: str, metrics: Mapping[str, Any] | None = None, step: int = 0,
+                   params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        values = {k: _finite_number(v) for k, v in (metrics or {}).items()}
+        metric_rows = [Metric(_metric_key(k), v, now, int(step)) for k, v in values.items() if v is not None]
+        param_rows = [Param(k[:250], str(v)[:MAX_PARAM_CHARS]) for k, v in (params or {}).items()]
+        tag_rows = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(metric_rows), len(param_rows), len(tag_rows), 1), 100):
+            chunk = (metric_rows[i:i + 100], param_rows[i:i + 100], tag_rows[i:i + 100])
+            if any(chunk):
+                self.client.log_batch(run_id, metrics=chunk[0], params=chunk[1], tags=chunk[2])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log more metrics on the parent run (the runner adds ``test_score`` this way before the run ends)."""
+        if self.run_id is not None:
+            self._safe("log_metrics", self._log_batch, self.run_id, metrics,
+                       self._rollouts_before if step is None else step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.run_id is not None:
+            self._safe("set_tags", self._log_batch, self.run_id, tags=tags)
+
+    def _upload(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        if not self.log_artifacts or not path.exists():
+            return
+        if path.is_dir():
+            self._safe(f"upload {path.name}", self.client.log_artifacts, run_id, str(path), artifact_path)
+        else:
+            self._safe(f"upload {path.name}", self.client.log_artifact, run_id, str(path), artifact_path)
+
+    # --- hooks ------------------------------------------------------------------------------------
+
+    def on_run_start(self, run) -> None:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        self._started = time.time()
+        self.experiment_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
+        params = run.params
+        tags = {"arm": run.arm, "schedule": params.get("schedule", ""), "seed": run.seed,
+                "model_hash": str(params.get("base_fingerprint", ""))[:16], KIND_TAG: "run",
+                **{k: v for k, v in (params.get("tags") or {}).items()}, **self.tags}
+        if self.parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
+        name = self.run_name or f"{run.arm}-seed{run.seed}"
+        created = self.client.create_run(self.experiment_id, tags={k: str(v) for k, v in tags.items()}, run_name=name)
+        self.run_id = created.info.run_id
+        flat = flatten({k: v for k, v in params.items() if k != "tags"})
+        flat.update(flatten(self.extra_params))
+        self._log_batch(self.run_id, params=flat)
+        self._log_restored(run)
+
+    def _log_restored(self, run) -> None:
+        """A resumed run reloads its finished stages without calling stage hooks: log them now, tagged restored."""
+        import json
+
+        from optimizers.result import StageRecord
+
+        if run.output_dir is None or not (Path(run.output_dir) / "run.json").exists():
+            return
+        try:
+            finished = json.loads((Path(run.output_dir) / "run.json").read_text()).get("finished", [])
+        except (OSError, ValueError):
+            return
+        names = ("baseline",) + tuple(run.stages)
+        for index in sorted(i for i in finished if 0 <= i < len(names)):
+            path = Path(run.output_dir) / "stages" / f"{index}-{names[index]}" / "record.json"
+            if not path.exists():
+                continue
+            record = StageRecord(**json.loads(path.read_text()))
+            stage_run = self._start_stage(run, index, record.stage)
+            if stage_run is not None:
+                self._safe("tag restored", self._log_batch, stage_run, tags={"restored": "true"})
+            self.on_stage_end(run, record)
+
+    def on_stage_start(self, run, index: int, stage: str) -> None:
+        self._start_stage(run, index, stage)
+
+    def _start_stage(self, run, index: int, stage: str) -> str | None:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        if self.run_id is None:
+            return None
+        tags = {MLFLOW_PARENT_RUN_ID: self.run_id, "stage": stage, "stage_index": index, "arm": run.arm,
+                "seed": run.seed, KIND_TAG: "stage", **{k: v for k, v in self.tags.items() if k != KIND_TAG}}
+        created = self._safe("create stage run", self.client.create_run, self.experiment_id,
+                             tags={k: str(v) for k, v in tags.items()}, run_name=f"{index}-{stage}")
+        if created is None:
+            return None
+        self.stage_runs[index] = created.info.run_id
+        self._open_stage = index
+        return created.info.run_id
+
+    def on_step(self, run, index: int, metrics: dict[str, Any]) -> None:
+        stage_run = self.stage_runs.get(index)
+        step = self._rollouts_before + int(metrics.get("rollouts", metrics.get("step", 0)) or 0)
+        values = {k: v for k, v in metrics.items() if k not in ("rollouts",)}
+        if stage_run is not None:
+            self._safe("log step", self._log_batch, stage_run, values, step)
+        if self.run_id is not None:
+            self._safe("log step", self._log_batch, self.run_id, {f"train/{k}": v for k, v in values.items()}, step)
+
+    def on_stage_end(self, run, record) -> None:
+        if self.run_id is None:
+            return
+        stage_run = self.stage_runs.get(record.index) or self._start_stage(run, record.index, record.stage)
+        step = int(record.total_spend.get("rollouts", 0))
+        self._rollouts_before = step
+        scores = {"val_score": record.val_score, **{f"val/{k}": v for k, v in record.val_components.items()}}
+        if record.gold_score is not None:
+            scores["gold_score"] = record.gold_score
+        stage_metrics = {**scores, "val_errors": record.val_errors, "seconds": record.seconds,
+                         "spend_rollouts": record.spend.get("rollouts", 0),
+                         "spend_lm_calls": record.spend.get("lm_calls", 0),
+                         "total_rollouts": step, "total_lm_calls": record.total_spend.get("lm_calls", 0)}
+        self._safe("log stage", self._log_batch, self.run_id,
+                   {**scores, "total_lm_calls": record.total_spend.get("lm_calls", 0), "stage_index": record.index},
+                   step)
+        if stage_run is None:
+            return
+        details = {k: v for k, v in record.details.items() if k not in ("history", "config")}
+        params = flatten({"details": details}) if details else {}
+        tags = {"note": record.note} if record.note else {}
+        if record.events:
+            tags["events"] = " | ".join(record.events)
+        self._safe("log stage", self._log_batch, stage_run, stage_metrics, step, params=params, tags=tags)
+        folder = run.output_dir / "stages" / record.name if run.output_dir is not None else None
+        if folder is not None and folder.is_dir():
+            for name in ("program.json", "predictions.jsonl", "record.json"):
+                self._upload(stage_run, folder / name)
+            self._upload(stage_run, folder / "adapter", "adapter")
+        elif self.log_artifacts:
+            self._safe("log record", self.client.log_dict, stage_run, record.to_dict(), "record.json")
+        self._safe("end stage run", self.client.set_terminated, stage_run, "FINISHED")
+        self._open_stage = None
+
+    def on_run_end(self, run, result) -> None:
+        if self.run_id is None:
+            return
+        last = result.history[-1]
+        final = {"final_val_score": result.val_score, "last_val_score": last.val_score,
+                 "best_stage_index": result.best.index, "total_rollouts": last.total_spend.get("rollouts", 0),
+                 "total_lm_calls": last.total_spend.get("lm_calls", 0), "wall_seconds": time.time() - self._started}
+        if result.best.gold_score is not None:
+            final["final_gold_score"] = result.best.gold_score
+        self._safe("log final", self._log_batch, self.run_id, final, self._rollouts_before,
+                   tags={OUTCOME_TAG: "completed", "best_stage": result.best.name})
+        if run.output_dir is not None:
+            self._upload(self.run_id, Path(run.output_dir) / "best" / "manifest.json")
+            self._upload(self.run_id, Path(run.output_dir) / "run.json")
+            self._upload(self.run_id, Path(run.output_dir) / "best", "best")
+        elif self.log_artifacts:
+            self._safe("log manifest", self.client.log_dict, self.run_id, result.manifest(), "manifest.json")
+        if self.errors:
+            self._safe("tag errors", self._log_batch, self.run_id, tags={"cotune.tracking_errors": self.errors})
+        self._safe("end run", self.client.set_terminated, self.run_id, "FINISHED")
+
+    def on_run_error(self, run, error: BaseException) -> None:
+        if self.run_id is None:
+            return
+        if type(error).__name__ == "TrialPruned":
+            status, outcome = "KILLED", "pruned"
+        elif isinstance(error, KeyboardInterrupt):
+            status, outcome = "KILLED", "killed"
+        else:
+            status, outcome = "FAILED", "failed"
+        tags = {OUTCOME_TAG: outcome, "cotune.error": _one_line(error)}
+        if self._open_stage is not None and self._open_stage in self.stage_runs:
+            stage_run = self.stage_runs[self._open_stage]
+            self._safe("tag stage", self._log_batch, stage_run, tags=tags)
+            self._safe("end stage run", self.client.set_terminated, stage_run, status)
+        self._safe("tag run", self._log_batch, self.run_id, tags=tags)
+        if run.output_dir is not None:
+            self._upload(self.run_id, Path(run.output_dir) / "run.json")
+        self._safe("end run", self.client.set_terminated, self.run_id, status)

@@ -1,0 +1,45 @@
+"""The MLflow UI shows our runs: headless Chromium loads the experiment page of a local server (optional).
+
+Skips when Chromium is absent (Debian: ``apt-get install chromium chromium-driver``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--window-size=1400,1000",
+         "--hide-scrollbars", "--virtual-time-budget=30000"]
+
+
+def chromium() -> str | None:
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="Chromium is not installed (apt-get install chromium chromium-driver)")
+def test_mlflow_ui_experiment_page_shows_the_runs(tmp_path, mlflow_url):
+    import matplotlib.image
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(mlflow_url)
+    eid = client.create_experiment("browser-check")
+    names = ["joint-seed0", "rl-only-seed0", "prompt-only-seed0"]
+    for i, name in enumerate(names):
+        run = client.create_run(eid, run_name=name, tags={"cotune.kind": "run", "arm": name.rsplit("-", 1)[0]})
+        client.log_batch(run.info.run_id, metrics=[Metric("val_score", 0.3 + 0.2 * i, int(time.time() * 1000), 0)])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    page = f"{mlflow_url}/#/experiments/{eid}/runs"
+
+    dom = subprocess.run([chromium(), *FLAGS, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
+    assert all(name in dom for name in names), dom[-2000:]
+
+    shot = tmp_path / "experiment.png"
+    subprocess.run([chromium(), *FLAGS, f"--screenshot={shot}", page], capture_output=True, timeout=180)
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (1000, 1400) and pixels.std() > 0.05  # a rendered page, not a blank one
