@@ -158,6 +158,16 @@ class RowStopper(StoppingCriteria):
         return done
 
 
+def chat_messages(request: Request) -> list[dict[str, str]]:
+    """A DSPy request as chat messages: the adapter's system prompt first, ``developer`` as ``system``.
+
+    Every engine renders through this one function, so the same request gives the same prompt token ids on each.
+    """
+    return ([{"role": "system", "content": request.system}] if request.system else []) + [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text or ""} for m in request.messages
+    ]
+
+
 class BatchedEngine:
     """DSPy custom engine over a :class:`rl.policy.Policy`; batches concurrent requests.
 
@@ -241,9 +251,7 @@ class BatchedEngine:
         """Generate one completion for a DSPy request (blocking; safe to call from many threads)."""
         if request.tools:
             raise EngineError("the local policy engine does not do native tool calling; use DSPy's text adapters")
-        messages = ([{"role": "system", "content": request.system}] if request.system else []) + [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text or ""} for m in request.messages
-        ]
+        messages = chat_messages(request)
         cfg = request.config
         recorders = active_recorders()
         drawn = recorders[-1].next_seed() if recorders else None

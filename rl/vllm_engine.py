@@ -37,6 +37,7 @@ from dspy.lm15 import ContextLengthError, Message, Request, Response, Usage
 
 from rl import distributed
 from rl.atomic import atomic_dir
+from rl.engine import chat_messages
 from rl.errors import EngineError
 from rl.trace import LMCall, active_recorders, caller_info
 from rl.vllm_server import VLLMServer, VLLMServerError
@@ -189,10 +190,7 @@ class VLLMEngine:
         """Generate one completion on the server for a DSPy request (blocking; safe from many threads)."""
         if request.tools:
             raise EngineError("the vLLM policy engine does not do native tool calling; use DSPy's text adapters")
-        # the same message mapping as the in-process engine: DSPy's system prompt first, developer -> system
-        messages = ([{"role": "system", "content": request.system}] if request.system else []) + [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text or ""} for m in request.messages
-        ]
+        messages = chat_messages(request)  # the same rendering as the in-process engine
         cfg = request.config
         recorders = active_recorders()
         seed = cfg.seed if cfg.seed is not None else (recorders[-1].next_seed() if recorders else None)
