@@ -129,6 +129,15 @@ class Meter(BaseCallback):
         return _unchecked_budget(left(self.budget.rollouts, self.spent.rollouts),
                                  left(self.budget.lm_calls, self.spent.lm_calls))
 
+    def share(self, stages_left: int) -> Budget:
+        """An equal part of what is left for each of the ``stages_left`` stages still to run (this one included)."""
+        left = self.remaining()
+
+        def part(x: int | None) -> int | None:
+            return None if x is None else x // max(1, stages_left)
+
+        return _unchecked_budget(part(left.rollouts), part(left.lm_calls))
+
     def snapshot(self) -> Spend:
         with self._lock:
             return Spend(self.spent.rollouts, self.spent.lm_calls)

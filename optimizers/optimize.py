@@ -171,7 +171,7 @@ def optimize(
 
     params = {
         "schedule": format_schedule(stages), "arm": arm_of(stages), "seed": seed,
-        "budget": dataclasses.asdict(budget), "prompt": prompt_cfg.__dict__ | {},
+        "budget": dataclasses.asdict(budget), "prompt": dataclasses.asdict(prompt_cfg),
         "teleprompter": type(teleprompter).__name__ if teleprompter is not None else None,
         "weights": weights_cfg.to_dict(), "self_training": self_cfg.to_dict(), "lora": dataclasses.asdict(policy.lora),
         "model": policy.name, "base_model": str(policy.base_path), "base_fingerprint": policy.base_fingerprint,
@@ -218,7 +218,8 @@ def optimize(
                 details, note = loop.weight_stage(current, weights_cfg, meter, index, resume,
                                                   stages_left=len(stages) - index + 1)
             elif stage == "s":
-                details, note = loop.self_train_stage(current, self_cfg, meter, stages_left=len(stages) - index + 1)
+                details, note = loop.self_train_stage(current, self_cfg, meter, index,
+                                                      stages_left=len(stages) - index + 1)
             loop.finish(index, stage, current, details, note, meter.snapshot() - before, meter.snapshot(),
                         time.perf_counter() - t0)
         result = loop.result(program=current, params=params)
@@ -236,7 +237,7 @@ def optimize(
         raise
     finally:
         if temp is not None:
-            loop.detach_from(root)
+            loop.run.output_dir = None  # the temporary folder vanishes: the result must not point into it
             temp.cleanup()
 
 
@@ -262,7 +263,7 @@ class _Loop:
     # --- p ----------------------------------------------------------------------------------------
 
     def prompt_stage(self, current, config, teleprompter, prompt_lm, reflection_lm, meter, stages_left):
-        share = _share(meter.remaining(), stages_left)
+        share = meter.share(stages_left)
         config = fit_prompt_config(config, share.rollouts, len(self.trainset), len(self.valset))
         stage_meter = Meter(share)
         stage_meter.count_only_like(current)
@@ -290,7 +291,7 @@ class _Loop:
     # --- w ----------------------------------------------------------------------------------------
 
     def weight_stage(self, current, config, meter, index, resume, stages_left):
-        share = _share(meter.remaining(), stages_left)
+        share = meter.share(stages_left)
         if share.rollouts is not None:
             rollouts = share.rollouts - share.rollouts % config.rollouts_per_step  # the budget's share decides
             if rollouts < config.rollouts_per_step:
@@ -303,12 +304,12 @@ class _Loop:
             config = dataclasses.replace(config, checkpoint_every=max(1, config.max_steps // 4))
         config = dataclasses.replace(config, seed=config.seed + index)
         calls = {"stage": 0, "last_step": 0}
+        forward = self.step_callback(index)
 
         def on_step(metrics: dict[str, Any]) -> None:
             calls["stage"] += metrics["lm_calls"]
             calls["last_step"] = metrics["lm_calls"]
-            for cb in self.callbacks:
-                cb.on_step(self.run, index, metrics)
+            forward(metrics)
 
         def should_stop() -> bool:  # the LM-call share: stop before a step that would overrun it
             return share.lm_calls is not None and calls["stage"] + calls["last_step"] > share.lm_calls
@@ -323,16 +324,25 @@ class _Loop:
 
     # --- s ----------------------------------------------------------------------------------------
 
-    def self_train_stage(self, current, config, meter, stages_left):
-        share = _share(meter.remaining(), stages_left)
+    def self_train_stage(self, current, config, meter, index, stages_left):
+        share = meter.share(stages_left)
         if share.rollouts is not None:
             if share.rollouts < config.num_samples:
                 return {"steps": 0}, f"skipped: {share.rollouts} rollouts left, one example needs {config.num_samples}"
             config = dataclasses.replace(config, max_rollouts=share.rollouts)
         result = self_train(current, self.trainset, self.rubric, self.policy, config, progress=self.progress,
-                            callbacks=[lambda m: [cb.on_step(self.run, len(self.history), m) for cb in self.callbacks]])
+                            callbacks=[self.step_callback(index)])
         meter.charge(result.rollouts, result.lm_calls)
         return dataclasses.asdict(result), "" if result.rows else "no successful run to train on; adapter unchanged"
+
+    def step_callback(self, index: int) -> Callable[[dict[str, Any]], None]:
+        """Forward a weight or self-train stage's step metrics to every OptimizeCallback."""
+
+        def forward(metrics: dict[str, Any]) -> None:
+            for cb in self.callbacks:
+                cb.on_step(self.run, index, metrics)
+
+        return forward
 
     # --- after every stage ------------------------------------------------------------------------
 
@@ -411,10 +421,6 @@ class _Loop:
         return OptimizeResult(program=best_program, policy=self.policy, history=self.history,
                               best_index=self.best_index, last_program=last_program, params=params,
                               output_dir=self.run.output_dir)
-
-    def detach_from(self, root: Path) -> None:
-        """A temporary run folder is about to vanish: the result must not point into it."""
-        self.run.output_dir = None
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -502,15 +508,6 @@ def _check_budget(stages, budget: Budget, weights: WeightStageConfig, self_cfg: 
         if stage == "s" and share < self_cfg.num_samples:
             raise BudgetError(f"budget of {budget.rollouts} rollouts gives stage {i} (s) a share of {share}, "
                               f"below num_samples={self_cfg.num_samples}")
-
-
-def _share(remaining: Budget, stages_left: int) -> Budget:
-    from optimizers.budget import _unchecked_budget
-
-    def part(x: int | None) -> int | None:
-        return None if x is None else x // max(1, stages_left)
-
-    return _unchecked_budget(part(remaining.rollouts), part(remaining.lm_calls))
 
 
 def _params_hash(params: dict[str, Any]) -> str:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from programs.tasks.world import CORPUS_DIR
 
@@ -45,6 +47,30 @@ def read_jsonl(name: str, directory: Path = CORPUS_DIR) -> list[dict]:
         raise CorpusError(f"bundled corpus file {path} is missing; regenerate it with `python -m programs.tasks.world`")
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def question_loader(task: str, name: str, kinds: Sequence[str], all_kinds: Sequence[str],
+                    to_example: Callable[[dict], Any]) -> Callable[[str, int, int], list]:
+    """A task loader over a bundled question file, restricted to ``kinds`` and split by entity group.
+
+    Questions about one founder/company pair share a ``group``, so a split never sees a pair another split has.
+
+    Raises:
+        programs.registry.TaskOptionError: ``kinds`` is empty or names a kind the file does not have.
+    """
+    from programs.registry import TaskOptionError
+    from programs.tasks.splits import take
+
+    kinds = tuple(kinds)
+    if not kinds or set(kinds) - set(all_kinds):
+        raise TaskOptionError(f"{task} kinds must be a non-empty subset of {tuple(all_kinds)}, got {list(kinds)}")
+
+    def loader(split: str, n: int, seed: int) -> list:
+        rows = [r for r in read_jsonl(name) if r["kind"] in kinds]
+        chosen = take(rows, split, n, key=lambda r: r["id"], group=lambda r: r["group"], seed=seed)
+        return [to_example(r) for r in chosen]
+
+    return loader
 
 
 def _tokenize(texts: list[str]) -> list[list[str]]:

@@ -19,8 +19,7 @@ import dspy
 
 from metrics import ExactMatch, FormatValidity, Rubric
 from metrics.base import ComponentResult, get_field
-from programs.tasks.corpus import Retriever, default_retriever, read_jsonl
-from programs.tasks.splits import take
+from programs.tasks.corpus import Retriever, default_retriever, question_loader
 
 __all__ = ["KINDS", "OneHopQA", "RetrievalRecall", "TwoHopQA", "rubric", "task"]
 
@@ -128,17 +127,9 @@ def task(k: int = 3, kinds: Sequence[str] = KINDS):
     """
     from programs.registry import Task, TaskOptionError
 
-    kinds = tuple(kinds)
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown or not kinds:
-        raise TaskOptionError(f"multihop kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
+    loader = question_loader("multihop", "multihop.jsonl", kinds, KINDS, _example)
     if not isinstance(k, int) or k < 1:
         raise TaskOptionError(f"multihop k (passages per search) must be an int >= 1, got {k!r}")
-
-    def loader(split: str, n: int, seed: int) -> list[dspy.Example]:
-        rows = [r for r in read_jsonl("multihop.jsonl") if r["kind"] in kinds]
-        chosen = take(rows, split, n, key=lambda r: r["id"], group=lambda r: r["group"], seed=seed)
-        return [_example(r) for r in chosen]
 
     return Task(
         name="multihop",

@@ -19,8 +19,7 @@ import dspy
 
 from metrics import FormatValidity, NumericMatch, Rubric
 from metrics.base import ComponentResult, get_field
-from programs.tasks.corpus import read_jsonl
-from programs.tasks.splits import take
+from programs.tasks.corpus import question_loader
 from programs.tasks.tools import make_tools
 
 __all__ = ["KINDS", "StepPenalty", "ToolCallValidity", "agent_program", "rubric", "task", "tool_steps"]
@@ -110,17 +109,9 @@ def task(max_iters: int = DEFAULT_MAX_ITERS, kinds: Sequence[str] = KINDS):
     """The registered ``react_tools`` task: ``max_iters`` bounds an episode's tool steps; ``kinds`` picks questions."""
     from programs.registry import Task, TaskOptionError
 
-    kinds = tuple(kinds)
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown or not kinds:
-        raise TaskOptionError(f"react_tools kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
+    loader = question_loader("react_tools", "tools.jsonl", kinds, KINDS, _example)
     if not isinstance(max_iters, int) or max_iters < 1:
         raise TaskOptionError(f"react_tools max_iters must be an int >= 1, got {max_iters!r}")
-
-    def loader(split: str, n: int, seed: int) -> list[dspy.Example]:
-        rows = [r for r in read_jsonl("tools.jsonl") if r["kind"] in kinds]
-        chosen = take(rows, split, n, key=lambda r: r["id"], group=lambda r: r["group"], seed=seed)
-        return [_example(r) for r in chosen]
 
     return Task(
         name="react_tools",
