@@ -88,13 +88,16 @@ def _threads(n: int | None) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from experiments.config import describe, load_experiment
     from experiments.runner import run_experiment
+    from rl import distributed
 
     exp = load_experiment(args.experiment)
-    print(f"[cotune] {describe(exp)}", flush=True)
+    main = distributed.is_main_process()  # under accelerate launch the other ranks train silently
+    if main:
+        print(f"[cotune] {describe(exp)}", flush=True)
     _threads(args.threads or exp.threads)
     outcomes = run_experiment(exp, arms=_names(args.arms), seeds=_ints(args.seeds), tracking_uri=args.tracking_uri,
                               track=not args.no_tracking, resume=args.resume, verbose=args.verbose)
-    if outcomes and not args.no_tracking:
+    if outcomes and not args.no_tracking and main:
         print(f"[cotune] {len(outcomes)} runs finished; compare them with: cotune compare {args.experiment}")
     return 0
 
@@ -260,14 +263,20 @@ def _sigterm(signum, frame):  # noqa: ARG001 - a polite kill ends runs as KILLED
 
 def main(argv: list[str] | None = None) -> int:
     from experiments.tracking import TrackingError
+    from rl import distributed
     from rl.errors import CotuneRLError
 
     args = build_parser().parse_args(argv)
+    if distributed.is_distributed() and args.func is not _cmd_run:
+        print(f"cotune: error: only `cotune run` trains data-parallel under accelerate launch / torchrun (this is rank "
+              f"{distributed.rank()} of {distributed.world_size()}); run this command in one process", file=sys.stderr)
+        return 2
     _quiet_libraries()
     previous = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
     try:
         return args.func(args)
-    except (CotuneRLError, TrackingError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (CotuneRLError, TrackingError, ValueError, FileNotFoundError, FileExistsError,
+            distributed.MainProcessError) as exc:
         print(f"cotune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,8 @@ The file::
     task: last_digit                 # a registered task, or {name: last_digit, options: {min_digits: 5}}
     program: predict                 # one of the task's programs (default: the task's default program)
     model: tiny                      # "tiny" (the embedded model) or a local HF model folder
+    engine: local                    # generation: "local" (in-process), "vllm" (start a server) or http://host:port
+    vllm: {dtype: bfloat16}          # rl.vllm_server.VLLMServer.start (or .attach, with a URL) options + adapter_dir
     metric: rubric                   # "rubric" (the task's), "gold" (its gold metric) or "module:attr"
     gold: true                       # also score the task's gold metric (never optimized): reward-hacking guard
     data: {train: 32, val: 32, test: 100, seed: 0}
@@ -50,7 +52,7 @@ import yaml
 
 Path_ = tuple[Any, ...]
 
-TOP_KEYS = ("name", "description", "task", "program", "model", "metric", "gold", "data", "arms", "seeds", "budget",
+TOP_KEYS = ("name", "description", "task", "program", "model", "engine", "vllm", "metric", "gold", "data", "arms", "seeds", "budget",
             "prompt", "weights", "self_training", "lora", "eval", "tracking", "output_dir", "report_dir", "threads",
             "tune")
 DATA_KEYS = {"train": 32, "val": 32, "test": 0, "seed": 0}
@@ -116,6 +118,8 @@ class Experiment:
     budget: int | dict[str, int] | None
     program: str | None = None
     model: str = "tiny"
+    engine: str = "local"
+    vllm: dict[str, Any] = field(default_factory=dict)
     metric: str = "rubric"
     gold: bool = True
     description: str = ""
@@ -295,6 +299,7 @@ def _validate(data: Any, source: str, check_task: bool) -> Experiment:
         raise _Problem(("model",), f"must be 'tiny' or a local model folder, got {model!r}")
     if model != "tiny" and not Path(model).expanduser().exists():
         raise _Problem(("model",), f"model folder {model!r} does not exist (use 'tiny' for the embedded model)")
+    engine, vllm = _engine(data)
     metric = data.get("metric", "rubric")
     if not isinstance(metric, str) or not (metric in ("rubric", "gold") or re.fullmatch(r"[\w.]+:[\w.]+", metric)):
         raise _Problem(("metric",), f"must be 'rubric', 'gold' or 'package.module:name', got {metric!r}")
@@ -324,7 +329,7 @@ def _validate(data: Any, source: str, check_task: bool) -> Experiment:
             raise _Problem((key,), f"must be a string, got {_kind(data[key])}")
     tune = _tune(data["tune"], name) if "tune" in data else None
     return Experiment(
-        name=name, task=task, program=program, model=model, metric=metric, gold=gold, arms=arms, seeds=seeds,
+        name=name, task=task, program=program, model=model, engine=engine, vllm=vllm, metric=metric, gold=gold, arms=arms, seeds=seeds,
         budget=budget, description=data.get("description", ""), data=data_cfg, prompt=prompt, weights=weights,
         self_training=self_training, lora=lora, eval=eval_cfg, tracking_uri=tracking.get("uri"),
         tracking_experiment=tracking.get("experiment"), log_artifacts=tracking.get("artifacts", True),
@@ -556,6 +561,28 @@ def _plain_section(data: dict, key: str, allowed, types: dict[str, type]) -> dic
             raise _Problem((key, name), f"must be {'a positive integer' if expected is int else expected.__name__}, "
                                         f"got {v!r}")
     return dict(value)
+
+
+def _engine(data: dict) -> tuple[str, dict[str, Any]]:
+    """``engine`` and its ``vllm`` options, checked against the signatures they are passed to."""
+    import inspect
+
+    from rl.vllm_server import VLLMServer
+
+    engine = data.get("engine", "local")
+    if not isinstance(engine, str) or not (engine in ("local", "vllm") or re.fullmatch(r"https?://\S+", engine)):
+        raise _Problem(("engine",), f"must be 'local', 'vllm' (start a vLLM server) or the http(s):// URL of a "
+                                    f"running vLLM server, got {engine!r}")
+    vllm = data.get("vllm") or {}
+    if not isinstance(vllm, dict):
+        raise _Problem(("vllm",), f"must be a mapping of vLLM server options, got {_kind(vllm)}")
+    if vllm and engine == "local":
+        raise _Problem(("vllm",), "is set but engine is 'local'; set engine: vllm (or a server URL) to use it")
+    target = VLLMServer.start if engine == "vllm" else VLLMServer.attach
+    allowed = tuple(n for n, p in inspect.signature(target).parameters.items()
+                    if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("cls", "url", "model_path")))
+    _no_unknown(vllm, allowed + ("adapter_dir",), ("vllm",))
+    return engine, dict(vllm)
 
 
 def _check_uri(uri: str, path: Path_) -> None:

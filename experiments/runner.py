@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import sys
 import time
 import uuid
@@ -26,6 +27,7 @@ from experiments.config import Arm, ConfigError, Experiment
 from experiments.tasks import resolve_task
 from experiments.tracking import KIND_TAG, MlflowTracking, check_tracking_uri, redact, resolve_tracking_uri
 from optimizers.callbacks import OptimizeCallback
+from rl import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ def build_policy(exp: Experiment, seed: int, out: IO[str] | None = None):
 
     path, name = model_path(exp, out)
     lora = LoraSettings(**{"seed": seed, **exp.lora})
-    return Policy.from_pretrained(path, name=name, lora=lora, seed=seed)
+    return Policy.from_pretrained(path, name=name, lora=lora, seed=seed, engine=exp.engine, vllm=exp.vllm)
 
 
 class ProgressPrinter(OptimizeCallback):
@@ -212,7 +214,7 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
     program = task.program(exp.program)
     metric = resolve_metric(exp, task)
     gold = task.gold_metric if exp.gold and exp.metric != "gold" else None
-    model_path(exp, out)  # build the embedded model first (with progress on the console), if needed
+    distributed.on_main(model_path, exp, out)  # build the embedded model first (rank 0, progress on the console)
     root = Path(output_dir) if output_dir is not None else exp.runs_dir / _slug(arm.name) / f"seed-{seed}"
     max_tokens = int(exp.eval.get("max_tokens") or exp.weights.get("max_tokens", 128))
     threads = int(exp.eval.get("threads", 16))
@@ -223,7 +225,8 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
         all_callbacks.append(tracker)
     all_callbacks += list(callbacks)
     start = time.perf_counter()
-    with captured_output(None if verbose else root.with_name(root.name + ".log")):
+    rank = f".rank{distributed.rank()}" if not distributed.is_main_process() else ""
+    with captured_output(None if verbose else root.with_name(f"{root.name}{rank}.log")):
         policy = build_policy(exp, seed)
         result = optimize(
             program, trainset, valset, metric=metric, policy=policy, schedule=arm.schedule, prompt=exp.prompt,
@@ -271,6 +274,8 @@ def run_experiment(exp: Experiment, *, arms: Sequence[str] | None = None, seeds:
         experiments.tracking.TrackingError: the tracking store cannot be used (nothing has run yet).
     """
     out = out or sys.stdout
+    if not distributed.is_main_process():  # under accelerate launch: rank 0 tracks and reports, the others train
+        out, track = open(os.devnull, "w"), False  # noqa: SIM115 - lives as long as the process
     selected = [exp.arm(a) for a in arms] if arms else list(exp.arms)
     run_seeds = list(seeds) if seeds else list(exp.seeds)
     uri = resolve_tracking_uri(tracking_uri, exp.tracking_uri) if track else None
@@ -284,7 +289,7 @@ def run_experiment(exp: Experiment, *, arms: Sequence[str] | None = None, seeds:
     started = time.perf_counter()
     for i, (arm, seed) in enumerate(plan, 1):
         root = exp.runs_dir / _slug(arm.name) / f"seed-{seed}"
-        if resume and _completed(root):
+        if resume and distributed.on_main(_completed, root):
             print(f"[cotune] run {i}/{len(plan)}: {arm.name} seed {seed} already completed in {root}; skipped",
                   file=out, flush=True)
             continue
@@ -294,7 +299,8 @@ def run_experiment(exp: Experiment, *, arms: Sequence[str] | None = None, seeds:
             tracker = MlflowTracking(uri, exp.mlflow_experiment, log_artifacts=exp.log_artifacts,
                                      tags={KIND_TAG: "run", "cotune.batch": batch, "experiment": exp.name},
                                      run_name=f"{arm.name}-seed{seed}")
-        outcome = run_one(exp, arm, seed, tracker=tracker, output_dir=root, resume=resume and root.exists(),
+        exists = distributed.on_main(root.exists)
+        outcome = run_one(exp, arm, seed, tracker=tracker, output_dir=root, resume=resume and exists,
                           verbose=verbose, out=out)
         outcomes.append(outcome)
         test = f", test {outcome.test_score:.3f}" if outcome.test_score is not None else ""

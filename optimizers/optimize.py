@@ -10,6 +10,13 @@ Carry-over is explicit: every stage starts from the previous stage's program (in
 policy's current adapter, so a weight stage trains on the prompts actually in use and a prompt stage searches
 with the weights actually in use.
 
+Several processes (``accelerate launch``, one per training GPU): every rank calls ``optimize()`` with the same
+arguments. Weight and self-train stages run on every rank, data-parallel (``rl.train_weights``, ``rl.self_train``).
+Everything else is single-process work done by rank 0 alone -- prompt stages, evaluations, the run folder, callbacks
+(MLflow), progress -- and its outcome (the program state, the stage record, an adapter to restore) is sent to the
+other ranks (:func:`rl.distributed.on_main`), so every rank carries the same program, adapter and history and returns
+the same result. An error on rank 0 stops every rank.
+
 Run folder (``output_dir``)::
 
     run.json                   status (running / completed / failed), params, finished stages
@@ -50,6 +57,7 @@ from optimizers.result import (
     RunInfo,
     StageRecord,
     build_manifest,
+    program_state,
     save_program,
     write_json,
 )
@@ -149,10 +157,9 @@ def optimize(
         [('0-baseline', 0.42), ('1-p', 0.97), ('2-w', 1.0)]
         >>> answer = result.program(number="1234567").answer                      # doctest: +SKIP
     """
-    if distributed.is_distributed():
-        raise OptimizeError(f"optimize() runs in one process (this is rank {distributed.rank()} of "
-                            f"{distributed.world_size()}): its prompt stages, evaluation and run folder are not "
-                            "rank-aware yet; under accelerate launch run rl.train_weights (docs/cluster.md)")
+    main = distributed.is_main_process()  # rank 0 (or the only process): runs the single-process work
+    callbacks = tuple(callbacks) if main else ()
+    progress = progress and main
     stages = _parse(schedule)
     trainset, valset = _check_data(trainset, valset)
     if not callable(metric):
@@ -187,7 +194,7 @@ def optimize(
         root = Path(temp.name)
     else:
         root = Path(output_dir)
-    done = _prepare_output_dir(root, params, resume=resume and temp is None, overwrite=overwrite)
+    done = distributed.on_main(_prepare_output_dir, root, params, resume=resume and temp is None, overwrite=overwrite)
     run = RunInfo(params=params, output_dir=None if temp else root, stages=stages, arm=params["arm"], seed=seed)
     _seed_everything(seed)
 
@@ -196,8 +203,7 @@ def optimize(
                  eval_threads=eval_threads, eval_max_tokens=eval_max_tokens or weights_cfg.max_tokens,
                  progress=progress)
     try:
-        for cb in callbacks:
-            cb.on_run_start(run)
+        distributed.on_main(_notify, callbacks, "on_run_start", run)
         current = copy.deepcopy(program)
         for _, predictor in current.named_predictors():
             predictor.lm = None  # every stage sets the LM it needs through dspy.context
@@ -206,8 +212,7 @@ def optimize(
             if index in done:  # resume: reload the finished stage and move on
                 current = loop.restore(index, stage, current, meter)
                 continue
-            for cb in callbacks:
-                cb.on_stage_start(run, index, stage)
+            distributed.on_main(_notify, callbacks, "on_stage_start", run, index, stage)
             t0, before = time.perf_counter(), meter.snapshot()
             details: dict[str, Any] = {}
             note = ""
@@ -223,12 +228,16 @@ def optimize(
             loop.finish(index, stage, current, details, note, meter.snapshot() - before, meter.snapshot(),
                         time.perf_counter() - t0)
         result = loop.result(program=current, params=params)
-        _set_status(root, "completed", params, sorted(set(done) | set(range(len(stages) + 1))))
-        for cb in callbacks:
-            cb.on_run_end(run, result)
+
+        def complete() -> None:
+            _set_status(root, "completed", params, sorted(set(done) | set(range(len(stages) + 1))))
+            _notify(callbacks, "on_run_end", run, result)
+
+        distributed.on_main(complete)  # the other ranks return once rank 0's callbacks (test eval, MLflow) are done
         return result
     except BaseException as exc:
-        _set_status(root, "failed", params, sorted(loop.finished), error=f"{type(exc).__name__}: {exc}")
+        if main:
+            _set_status(root, "failed", params, sorted(loop.finished), error=f"{type(exc).__name__}: {exc}")
         for cb in callbacks:
             try:
                 cb.on_run_error(run, exc)
@@ -264,6 +273,15 @@ class _Loop:
 
     def prompt_stage(self, current, config, teleprompter, prompt_lm, reflection_lm, meter, stages_left):
         share = meter.share(stages_left)
+        program, details, note, spent = distributed.on_main(
+            self._prompt_stage, current, share, config, teleprompter, prompt_lm, reflection_lm)
+        meter.charge(*spent)
+        if distributed.is_distributed():  # every rank continues from rank 0's program
+            program = _with_state(current, program)
+        return program, details, note
+
+    def _prompt_stage(self, current, share, config, teleprompter, prompt_lm, reflection_lm):
+        """Run the prompt optimizer (on rank 0 alone); under several processes the program travels as its state."""
         config = fit_prompt_config(config, share.rollouts, len(self.trainset), len(self.valset))
         stage_meter = Meter(share)
         stage_meter.count_only_like(current)
@@ -283,10 +301,10 @@ class _Loop:
         finally:
             if bar is not None:
                 bar.close()
-        meter.charge(stage_meter.spent.rollouts, stage_meter.spent.lm_calls)
         details = {"optimizer": config.optimizer if teleprompter is None else type(teleprompter).__name__,
                    "config": dataclasses.asdict(config), "share": dataclasses.asdict(share)}
-        return current, details, note
+        spent = (stage_meter.spent.rollouts, stage_meter.spent.lm_calls)
+        return (program_state(current) if distributed.is_distributed() else current), details, note, spent
 
     # --- w ----------------------------------------------------------------------------------------
 
@@ -347,6 +365,14 @@ class _Loop:
     # --- after every stage ------------------------------------------------------------------------
 
     def finish(self, index, stage, program, details, note, spend: Spend, total: Spend, seconds: float) -> None:
+        """Evaluate the stage and save it (rank 0); every rank adds the record to its history."""
+        record = distributed.on_main(self._evaluate_and_save, index, stage, program, details, note, spend, total,
+                                     seconds)
+        if not distributed.is_main_process():
+            self.finished.add(record.index)
+            self._add(record, program)
+
+    def _evaluate_and_save(self, index, stage, program, details, note, spend, total, seconds) -> StageRecord:
         lm = self.policy.lm(temperature=0.0, max_tokens=self.eval_max_tokens, cache=False)
         ev = evaluate(program, self.valset, self.rubric, lm, gold_metric=self.gold.gold_score if self.gold else None,
                       num_threads=self.eval_threads)
@@ -368,6 +394,7 @@ class _Loop:
                   + f" | spent {total.rollouts} rollouts, {total.lm_calls} LM calls", flush=True)
         for cb in self.callbacks:
             cb.on_stage_end(self.run, record)
+        return record
 
     def _save_stage(self, record: StageRecord, program, rows) -> None:
         with atomic_dir(self.stage_dir(record.index, record.stage)) as tmp:
@@ -386,7 +413,8 @@ class _Loop:
         if self.best_program is None or record.val_score > self.history[self.best_index].val_score:
             self.best_index = len(self.history) - 1
             self.best_program = copy.deepcopy(program)
-            self._write_bundle("best", record.index, record.stage)
+            if distributed.is_main_process():
+                self._write_bundle("best", record.index, record.stage)
 
     def _write_bundle(self, name: str, index: int, stage: str) -> None:
         src = self.stage_dir(index, stage)
@@ -398,10 +426,9 @@ class _Loop:
     def restore(self, index: int, stage: str, current, meter: Meter):
         """Reload a stage finished by an earlier (interrupted) run: its program, adapter, record and spend."""
         src = self.stage_dir(index, stage)
-        record = StageRecord(**json.loads((src / "record.json").read_text()))
-        current = copy.deepcopy(current)
-        current.load(str(src / PROGRAM))
-        self.policy.load_adapter(src / ADAPTER, version=record.adapter_version)
+        record, state, adapter = distributed.on_main(_read_stage, src)
+        current = _with_state(current, state)
+        self.policy.load_adapter_state(adapter, version=record.adapter_version, source=str(src / ADAPTER))
         meter.charge(record.spend.get("rollouts", 0), record.spend.get("lm_calls", 0))
         self.finished.add(index)
         self._add(record, current)
@@ -410,10 +437,12 @@ class _Loop:
 
     def result(self, program, params) -> OptimizeResult:
         last = self.history[-1]
-        self._write_bundle("last", last.index, last.stage)
+        if distributed.is_main_process():
+            self._write_bundle("last", last.index, last.stage)
         best = self.history[self.best_index]
-        if best.index != last.index:  # serve the best adapter from the live policy
-            self.policy.load_adapter(self.stage_dir(best.index, best.stage) / ADAPTER)
+        if best.index != last.index:  # serve the best adapter from the live policy (rank 0 reads it for every rank)
+            src = self.stage_dir(best.index, best.stage) / ADAPTER
+            self.policy.load_adapter_state(distributed.on_main(_read_adapter, src), source=str(src))
         lm = self.policy.lm(temperature=0.0, max_tokens=self.eval_max_tokens, cache=False)
         best_program = copy.deepcopy(self.best_program)
         best_program.set_lm(lm)
@@ -424,6 +453,31 @@ class _Loop:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _notify(callbacks: Sequence[OptimizeCallback], method: str, *args: Any) -> None:
+    """Call ``method`` of every callback (rank 0 alone holds callbacks; see ``optimize``)."""
+    for cb in callbacks:
+        getattr(cb, method)(*args)
+
+
+def _read_stage(src: Path) -> tuple[StageRecord, dict[str, Any], dict[str, torch.Tensor]]:
+    """A finished stage's record, program state and adapter weights, as plain objects another rank can receive."""
+    record = StageRecord(**json.loads((src / "record.json").read_text()))
+    return record, json.loads((src / PROGRAM).read_text()), _read_adapter(src / ADAPTER)
+
+
+def _read_adapter(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def _with_state(program: dspy.Module, state: dict[str, Any]) -> dspy.Module:
+    """A copy of ``program`` with a saved state (instructions, demos) loaded."""
+    program = copy.deepcopy(program)
+    program.load_state(state)
+    return program
 
 
 def _parse(schedule: str) -> tuple[str, ...]:

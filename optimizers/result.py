@@ -148,10 +148,19 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_program(program: dspy.Module, path: Path) -> None:
     """The program's DSPy state as JSON, without the (unserializable) policy LM bound to its predictors."""
+    _unbound(program).save(str(path))
+
+
+def program_state(program: dspy.Module) -> dict[str, Any]:
+    """The program's DSPy state (instructions, demos) as plain data, without the LMs bound to its predictors."""
+    return _unbound(program).dump_state()
+
+
+def _unbound(program: dspy.Module) -> dspy.Module:
     unbound = copy.deepcopy(program)
     for _, predictor in unbound.named_predictors():
         predictor.lm = None
-    unbound.save(str(path))
+    return unbound
 
 
 def library_versions() -> dict[str, str]:

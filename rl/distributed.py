@@ -15,11 +15,21 @@ helper called before that (e.g. the vLLM engine, built with the policy) creates 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+# How long the other ranks wait for rank 0's single-process work (a prompt stage, an evaluation) before giving up.
+MAIN_WAIT_ENV = "COTUNE_MAIN_WAIT_S"
+_MAIN_WAIT_DEFAULT_S = 7 * 24 * 3600
+
+
+class MainProcessError(RuntimeError):
+    """Rank 0 failed in work the other ranks were waiting for; the message is rank 0's error."""
 
 
 def world_size() -> int:
@@ -121,3 +131,58 @@ def shard(items: Sequence[Any], rank_: int | None = None, world: int | None = No
     base, extra = divmod(len(items), world)
     start = rank_ * base + min(rank_, extra)
     return list(items[start : start + base + (rank_ < extra)])
+
+
+class _Failed:
+    """What rank 0 sends instead of a result when its work raised (the other ranks raise MainProcessError)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+_control_groups: dict[int, Any] = {}
+
+
+def _control_group():
+    """A gloo group with a long timeout, for the ranks that wait while rank 0 works alone.
+
+    Why not the default group: its collective timeout (10-30 minutes) is sized for training steps, while a prompt
+    stage on rank 0 may run for hours; and gloo carries Python objects on the CPU whatever the training backend.
+    Created once per process group, by every rank at the same point (the first :func:`on_main` call).
+    """
+    _ensure_group()
+    key = id(dist.group.WORLD)
+    if key not in _control_groups:
+        seconds = float(os.environ.get(MAIN_WAIT_ENV, _MAIN_WAIT_DEFAULT_S))
+        _control_groups[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+    return _control_groups[key]
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` on rank 0 alone and return its (picklable) result on every rank.
+
+    The other ranks wait (up to ``$COTUNE_MAIN_WAIT_S`` seconds, default a week). If ``fn`` raises on rank 0,
+    rank 0 re-raises it and every other rank raises :class:`MainProcessError` with its message, so that no rank is
+    left waiting in a later collective. Alone, this is just ``fn(*args, **kwargs)``.
+
+    Every rank must call it at the same point. Example (in one process)::
+
+        >>> on_main(sum, [1, 2, 3])
+        6
+    """
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    group = _control_group()
+    if is_main_process():
+        try:
+            out: Any = fn(*args, **kwargs)
+        except BaseException as exc:
+            dist.broadcast_object_list([_Failed(f"{type(exc).__name__}: {exc}")], src=0, group=group)
+            raise
+        dist.broadcast_object_list([out], src=0, group=group)
+        return out
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    if isinstance(box[0], _Failed):
+        raise MainProcessError(f"rank 0 failed, so rank {rank()} stops too: {box[0].message}")
+    return box[0]

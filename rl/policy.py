@@ -345,16 +345,26 @@ class Policy:
 
         The version advances by one, or is set to ``version`` (when restoring a checkpoint).
         """
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         path = Path(adapter_dir) / "adapter_model.safetensors"
         if not path.exists():
             raise ModelNotFoundError(f"no adapter_model.safetensors in {str(adapter_dir)!r}")
+        return self.load_adapter_state(load_file(path), version=version, source=str(adapter_dir))
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor], version: int | None = None,
+                           source: str = "state") -> int:
+        """Load LoRA weights in PEFT's naming (:meth:`adapter_state`, a saved ``adapter_model.safetensors``).
+
+        The version advances by one, or is set to ``version``. This is how a rank receives another rank's adapter
+        without a shared filesystem.
+        """
+        from peft import set_peft_model_state_dict
+
         with self.lock:
-            result = set_peft_model_state_dict(self.model, load_file(path))
+            result = set_peft_model_state_dict(self.model, state)
             if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"adapter {str(adapter_dir)!r} does not match this model: {result.unexpected_keys[:3]}")
+                raise ValueError(f"adapter {source!r} does not match this model: {result.unexpected_keys[:3]}")
             if version is None:
                 return self.bump_version()
             self.version = version

@@ -10,6 +10,10 @@ Reusing :class:`rl.grpo.GRPOUpdater` keeps one training seam (TRL's loss, micro-
 optimizer) instead of a second hand-written loop. This is rejection-sampling fine-tuning (STaR/RFT), which
 is what DSPy's BootstrapFinetune does with an external fine-tuning API.
 
+Several processes (``accelerate launch``): every rank samples its share of the examples, the ranks exchange their
+kept rows so that each holds the same list, and each optimizer step's rows are split across the ranks (DDP averages
+the gradients; the token count is global): the same update one process would make on those rows.
+
 Example:
     >>> result = self_train(program, trainset, metric, policy, SelfTrainConfig(num_samples=4))  # doctest: +SKIP
     >>> result.rows, result.history[-1]["loss"]                                                 # doctest: +SKIP
@@ -20,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
 
+from rl import distributed
 from rl.advantages import Row
 from rl.config import WeightStageConfig
 from rl.grpo import GRPOUpdater
@@ -110,23 +114,30 @@ def self_train(
     rng = random.Random(f"self-train/{config.seed}")
     n = min(len(trainset), config.examples)
     examples = [trainset[i] for i in rng.sample(range(len(trainset)), n)]
+    parallel = distributed.is_distributed()
+    if parallel:  # each rank samples its share; its own seeds, as in the weight stage
+        examples = distributed.shard(examples)
     lm = policy.lm(temperature=config.temperature, max_tokens=config.max_tokens, cache=False)
     rollouts = run_rollouts(program, examples, lm, metric, config.num_samples, num_threads=config.num_threads,
-                            tag=("self-train", config.seed))
+                            tag=("self-train", config.seed) + ((distributed.rank(),) if parallel else ()))
     kept = [r for r in rollouts if r.error is None and r.reward >= config.success_threshold]
+    calls = [(r.example_index, r.reward, tuple(c.prompt_ids), tuple(c.completion_ids), c.finish_reason == "length")
+             for r in kept for c in r.calls if c.completion_ids]  # plain data: cheap to send to the other ranks
+    counts = [len(rollouts), len(kept), sum(len(r.calls) for r in rollouts), sum(r.reward for r in rollouts)]
+    if parallel:  # every rank gets every rank's kept calls, in rank order, and the totals
+        calls = [c for part in distributed.gather_objects(calls) for c in part]
+        counts = distributed.all_reduce(counts)
+    n_rollouts, n_kept, lm_calls = (int(c) for c in counts[:3])
     seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
     rows: list[Row] = []
-    for r in kept:
-        for call in r.calls:
-            key = (tuple(call.prompt_ids), tuple(call.completion_ids))
-            if key in seen or not call.completion_ids:
-                continue
-            seen.add(key)
-            rows.append(Row(prompt_ids=key[0], completion_ids=key[1], advantage=1.0, reward=r.reward,
-                            group=(r.example_index, "sft"), truncated=call.finish_reason == "length"))
-    lm_calls = sum(len(r.calls) for r in rollouts)
-    logger.info("self-train: %d/%d runs kept, %d distinct LM calls to train on", len(kept), len(rollouts), len(rows))
-    result = SelfTrainResult(rollouts=len(rollouts), lm_calls=lm_calls, kept_rollouts=len(kept), rows=len(rows),
+    for example_index, reward, prompt_ids, completion_ids, truncated in calls:
+        if (prompt_ids, completion_ids) in seen:
+            continue
+        seen.add((prompt_ids, completion_ids))
+        rows.append(Row(prompt_ids=prompt_ids, completion_ids=completion_ids, advantage=1.0, reward=reward,
+                        group=(example_index, "sft"), truncated=truncated))
+    logger.info("self-train: %d/%d runs kept, %d distinct LM calls to train on", n_kept, n_rollouts, len(rows))
+    result = SelfTrainResult(rollouts=n_rollouts, lm_calls=lm_calls, kept_rollouts=n_kept, rows=len(rows),
                              steps=0, adapter_version=policy.version)
     if not rows:
         logger.warning("self-train: no run reached success_threshold=%s; the adapter is unchanged",
@@ -145,13 +156,12 @@ def self_train(
             order = random.Random(f"self-train/{config.seed}/{epoch}").sample(rows, len(rows))
             for start in range(0, len(order), config.batch_size):
                 chunk = order[start : start + config.batch_size]
-                with policy.lock:
-                    update = updater.step(updater.to_batch(chunk))
+                with policy.lock:  # under several processes each rank trains on its share of the step's rows
+                    update = updater.step(updater.to_batch(distributed.shard(chunk) if parallel else chunk))
                 result.steps += 1
                 metrics = {"step": result.steps, "epoch": epoch + 1, "loss": update["loss"],
                            "grad_norm": update["grad_norm"], "rows": len(chunk),
-                           "kept_rate": len(kept) / len(rollouts),
-                           "reward_mean": statistics.fmean(r.reward for r in rollouts)}
+                           "kept_rate": n_kept / n_rollouts, "reward_mean": counts[3] / n_rollouts}
                 result.history.append(metrics)
                 for callback in callbacks:
                     callback(metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -173,3 +174,11 @@ def test_sigterm_mid_run_marks_the_runs_killed(tmp_path, tiny_model_dir):
     runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
     assert {r.info.run_name: r.info.status for r in runs} == {"rl-only-seed0": "KILLED", "0-baseline": "FINISHED",
                                                               "1-w": "KILLED"}
+
+
+def test_commands_other_than_run_refuse_several_processes(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}  # what accelerate launch / torchrun set
+    out = subprocess.run([sys.executable, "-m", "experiments.cli", "tune", str(tmp_path / "x.yaml")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2
+    assert "only `cotune run` trains data-parallel" in out.stderr and "rank 1 of 2" in out.stderr

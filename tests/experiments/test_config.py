@@ -123,3 +123,21 @@ def test_overrides_apply_dotted_settings_and_schedule():
     exp = parse_experiment(GOOD).with_overrides({"schedule": "w -> p", "weights.beta": 0.04, "lora.r": 8})
     assert [a.schedule for a in exp.arms] == ["w -> p"]
     assert exp.weights == {"learning_rate": 1e-3, "beta": 0.04} and exp.lora == {"r": 8}
+
+
+def test_engine_and_vllm_options_are_checked_against_the_server_api():
+    base = "name: x\ntask: last_digit\narms: {rl: w}\nbudget: 64\n"
+    exp = parse_experiment(base + "engine: vllm\nvllm: {dtype: bfloat16, env: {CUDA_VISIBLE_DEVICES: '1'}}\n")
+    assert (exp.engine, exp.vllm) == ("vllm", {"dtype": "bfloat16", "env": {"CUDA_VISIBLE_DEVICES": "1"}})
+    exp = parse_experiment(base + "engine: http://10.0.0.2:8000\nvllm: {api_key: k, adapter_dir: /shared/a}\n")
+    assert exp.engine == "http://10.0.0.2:8000" and exp.vllm["adapter_dir"] == "/shared/a"
+    assert parse_experiment(base).engine == "local"
+    cases = [("engine: vlm\n", "x.yaml:5: engine: must be 'local', 'vllm'"),
+             ("vllm: {dtype: float32}\n", "x.yaml:5: vllm: is set but engine is 'local'"),
+             ("engine: vllm\nvllm: {dtyp: float32}\n", "x.yaml:6: vllm.dtyp: unknown key (did you mean 'dtype'?)"),
+             ("engine: http://h:1\nvllm: {dtype: bfloat16}\n", "vllm.dtype: unknown key; allowed keys here: "
+                                                               "served_model, timeout_s, api_key, adapter_dir")]
+    for text, message in cases:
+        with pytest.raises(ConfigError) as err:
+            parse_experiment(base + text, source="x.yaml")
+        assert message in str(err.value)
