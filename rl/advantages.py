@@ -33,6 +33,7 @@ class Row:
     reward: float
     group: tuple[int, str]
     truncated: bool
+    sampling_logprobs: tuple[float, ...] | None = None  # the sampler's, when it is not the trainer (vLLM)
 
 
 @dataclass(frozen=True)
@@ -96,5 +97,5 @@ def compute_advantages(
                 continue
             mean, divisor = baseline[group]
             rows.append(Row(call.prompt_ids, call.completion_ids, (rollout.reward - mean) / divisor, rollout.reward,
-                            group, call.finish_reason == "length"))
+                            group, call.finish_reason == "length", call.completion_logprobs))
     return rows, AdvantageStats(len(members), zero_var, len(rows), dropped)

@@ -43,6 +43,11 @@ class WeightStageConfig:
     warmup_steps: int = 0
     lr_scheduler_type: str = "constant"
     mask_truncated_completions: bool = False
+    # off-policy correction, for rollouts sampled by a vLLM server (TRL's vllm_importance_sampling_*)
+    importance_sampling: Literal["sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none"] = field(
+        default="sequence_mask", metadata={"help": "weight each vLLM-sampled completion by pi_trainer/pi_vllm: "
+                                                   "*_mask drops ratios above the cap, *_truncate clips them"})
+    importance_sampling_cap: float = field(default=3.0, metadata={"help": "C_max of the importance-sampling ratio"})
     # budget and bookkeeping
     max_rollouts: int = field(default=1024, metadata={"help": "budget: total program executions in this stage"})
     checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every K steps (0: off)"})
@@ -64,6 +69,11 @@ class WeightStageConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.micro_batch_size < 1 or self.num_iterations < 1:
             raise ValueError("micro_batch_size and num_iterations must be >= 1")
+        modes = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none")
+        if self.importance_sampling not in modes:
+            raise ValueError(f"importance_sampling must be one of {modes}, got {self.importance_sampling!r}")
+        if self.importance_sampling_cap <= 1:
+            raise ValueError(f"importance_sampling_cap must be > 1, got {self.importance_sampling_cap}")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
         if self.max_rollouts < self.rollouts_per_step:

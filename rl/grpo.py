@@ -21,6 +21,14 @@ a rank with fewer rows is padded with rows whose completion mask is 0 (they add 
 dapo normaliser is TRL's: ``num_items_in_batch`` is the token count over *all* ranks and TRL divides it by the
 number of processes, so after DDP's mean the gradient is that of the token mean over the whole step, as in one
 process on the union of the rows. In one process none of this runs: the path is exactly the single-process one.
+
+Off-policy correction (rows sampled by a vLLM server): vLLM's kernels, dtype and batching make its sampling
+distribution differ from the trainer's, which biases the policy gradient (TRL turns its own correction on by default
+for this reason). Rows that carry the sampler's token log-probs get TRL's truncated importance sampling: the trainer's
+log-probs of the rows are computed once, before the update, the ratio pi_trainer / pi_vllm is masked or clipped at
+``importance_sampling_cap`` (``importance_sampling`` picks TRL's mode), and TRL's loss multiplies each token's loss by
+it (``importance_sampling_ratio``). Rows from the in-process engine were sampled by the trainer's own weights: ratio 1,
+no extra forward pass.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from rl.errors import CotuneRLError
 # are unaffected by padding rows.
 _ROW_MEAN_LOSSES = frozenset({"grpo", "sapo", "dr_grpo", "luspo"})
 _REAL = "cotune_real_rows"  # batch key (not TRL's): which rows are real, not padding for the other ranks
+_IS_RATIO = "importance_sampling_ratio"  # batch key TRL's loss multiplies the per-token loss by
 
 
 class UnsupportedDistributedError(CotuneRLError, RuntimeError):
@@ -107,6 +116,12 @@ class GRPOUpdater:
         if self.trainer.model is not policy.model:
             raise RuntimeError("TRL replaced the policy model; the engine would keep generating from stale weights")
         self.trainer.create_optimizer_and_scheduler(num_training_steps=max(1, total_steps))
+        if config.importance_sampling != "none":
+            # TRL applies the ratio in its loss under these flags; its generation code, which they also switch, is
+            # never called (we generate), so this turns on exactly the loss-side correction
+            self.trainer.use_vllm = True
+            self.trainer.vllm_importance_sampling_correction = True
+        self._corrected = False
         self.accelerator = self.trainer.accelerator
         self.distributed = self.accelerator.num_processes > 1
         self.model = self.trainer.model  # what the loss runs through: the DDP wrapper under several processes
@@ -194,8 +209,11 @@ class GRPOUpdater:
         mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
         width, mbs = batch["completion_ids"].size(1), self.config.micro_batch_size
         model = trainer.model  # the unwrapped model: no gradients here, nothing to synchronise
+        sampled = [r.sampling_logprobs for r in rows]
+        correct = self.config.importance_sampling != "none" and any(s is not None for s in sampled)
+        self._corrected = correct  # for the step's metrics
         with disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs):
-            if self.config.num_iterations > 1:  # the batch is reused: freeze the sampling policy's log-probs
+            if self.config.num_iterations > 1 or correct:  # the batch is reused / the sampler was not the trainer
                 model.eval()
                 batch["old_per_token_logps"] = trainer._get_per_token_logps_and_entropies(model, ids, mask, width, mbs)[0]
             if trainer.beta != 0.0:
@@ -203,6 +221,18 @@ class GRPOUpdater:
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                     batch["ref_per_token_logps"] = trainer._get_per_token_logps_and_entropies(
                         model, ids, mask, width, mbs)[0]
+        if self.config.importance_sampling != "none":
+            if correct:
+                nan = float("nan")  # a row or token the sampler did not score gets ratio 1, as in TRL
+                logps = [torch.tensor(s if s is not None else [nan] * len(r.completion_ids), dtype=torch.float32)
+                         for s, r in zip(sampled, rows)] + [torch.tensor([nan])] * n_pad
+                batch[_IS_RATIO] = importance_ratio(batch["old_per_token_logps"], pad(logps, nan, "right").to(device),
+                                                    batch["completion_mask"], self.config.importance_sampling,
+                                                    self.config.importance_sampling_cap)
+                if self.config.num_iterations == 1:  # TRL then takes the current log-probs (detached) as "old"
+                    del batch["old_per_token_logps"]
+            else:
+                batch[_IS_RATIO] = torch.ones(len(prompts), 1, device=device)
         return batch
 
     # --- one optimizer step ---------------------------------------------------------------------
@@ -248,7 +278,26 @@ class GRPOUpdater:
         trainer._metrics["train"].clear()
         metrics.update(loss=total, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        lr=float(trainer.lr_scheduler.get_last_lr()[0]))
+        metrics.update(self._importance_metrics(batch))
         return metrics
+
+    def _importance_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean importance ratio per row and the share of rows masked, over every rank's rows that were corrected.
+
+        Collective under several processes (every rank's batch has a ratio whenever the correction is on).
+        """
+        ratio = batch.get(_IS_RATIO)
+        if ratio is None:
+            return {}
+        mask = batch["completion_mask"]
+        rows = (mask.sum(-1) > 0) & batch.get(_REAL, torch.ones_like(mask[:, 0], dtype=torch.bool))
+        per_row = ratio[:, 0] if ratio.size(1) == 1 else (ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        per_row = per_row[rows] if self._corrected else per_row[:0]
+        counts = [float(per_row.sum()), float((per_row == 0).sum()), float(per_row.numel())]
+        if self.distributed:
+            counts = distributed.all_reduce(counts)
+        total, masked, n = counts
+        return {"is_ratio_mean": total / n, "is_masked_rows": masked / n} if n else {}
 
     def _sync_on(self, last: bool):
         """Under DDP, all-reduce gradients only on the step's last backward (``no_sync`` before), as ``Trainer`` does."""
@@ -267,3 +316,26 @@ class GRPOUpdater:
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.trainer.lr_scheduler.load_state_dict(state["scheduler"])
         self.trainer.state.global_step = int(state["global_step"])
+
+
+def importance_ratio(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str,
+                     cap: float) -> torch.Tensor:
+    """TRL's vLLM importance-sampling ratio (``GRPOTrainer._generate_and_score_completions``, trl 1.16).
+
+    ``exp(trainer - sampler)`` per token (``token_*``, shape ``(B, T)``) or per sequence (``sequence_*``, the sum over
+    the completion, shape ``(B, 1)``); ``*_truncate`` clips it at ``cap``, ``*_mask`` sets ratios above ``cap`` to 0.
+    Tokens the sampler did not score (NaN) count as a ratio of 1. TRL computes this inline while it generates; we
+    generate ourselves, so the few lines are repeated here, with TRL's defaults (no lower bound).
+
+    Example:
+        >>> t = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]]); s = torch.tensor([[-1.0, -1.0], [-3.0, -1.0]])
+        >>> importance_ratio(t, s, torch.ones(2, 2), "sequence_mask", 3.0).flatten().tolist()
+        [1.0, 0.0]
+    """
+    diff = torch.nan_to_num((trainer_logps - sampler_logps) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return ratio.clamp(max=cap)
+    return ratio.masked_fill(ratio > cap, 0.0)

@@ -47,6 +47,8 @@ class LMCall:
         modules: class names of the DSPy modules on the call stack, outermost first.
         temperature, top_p, top_k, max_tokens, seed: the sampling settings used.
         tag: the tag of the innermost :func:`recording` active for the call.
+        completion_logprobs: the sampler's log-probability of each completion token, when the engine samples from
+            another copy of the model (vLLM); ``None`` for the in-process engine, which samples from the trainer's.
     """
 
     call_id: int
@@ -65,6 +67,7 @@ class LMCall:
     max_tokens: int = 0
     seed: int | None = None
     tag: Any = None
+    completion_logprobs: tuple[float, ...] | None = field(default=None, repr=False)
 
 
 class Recorder:

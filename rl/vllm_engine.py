@@ -214,6 +214,8 @@ class VLLMEngine:
                 "top_p": cfg.top_p if cfg.top_p is not None else 1.0, "top_k": cfg.top_k or 0,
                 "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                 "seed": int(seed) % (1 << 63), "return_token_ids": True, "skip_special_tokens": True,
+                # the sampled tokens' log-probs, for the trainer's importance-sampling correction
+                "logprobs": True, "top_logprobs": 0,
             }
             if cfg.stop:
                 payload["stop"] = list(cfg.stop)
@@ -229,6 +231,7 @@ class VLLMEngine:
         if finish is None:
             raise EngineError(f"vLLM finished a request with {choice.get('finish_reason')!r}: {choice}")
         text = choice["message"].get("content") or ""
+        logprobs = [entry.get("logprob") for entry in (choice.get("logprobs") or {}).get("content") or []]
         call = LMCall(
             call_id=next(self._ids),
             model=model_string,
@@ -246,6 +249,9 @@ class VLLMEngine:
             max_tokens=max_tokens,
             seed=cfg.seed,
             tag=recorders[-1].tag if recorders else None,
+            # one per completion token, else unusable (None: the trainer then applies no correction to this call)
+            completion_logprobs=(tuple(float("nan") if v is None else float(v) for v in logprobs)
+                                 if len(logprobs) == len(completion_ids) else None),
         )
         self.calls.append(call)
         with self._count_lock:

@@ -209,7 +209,9 @@ class VLLMServer:
         args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
                 "--served-model-name", served_model, "--host", host, "--port", str(port),
                 "--enable-lora", "--max-lora-rank", str(lora_rank_limit(max_lora_rank)),
-                "--max-loras", str(max_loras), "--generation-config", "vllm", "--seed", str(seed)]
+                "--max-loras", str(max_loras), "--generation-config", "vllm", "--seed", str(seed),
+                # log-probs of the distribution actually sampled (after temperature): what importance sampling needs
+                "--logprobs-mode", "processed_logprobs"]
         if dtype:
             args += ["--dtype", dtype]
         if max_model_len:

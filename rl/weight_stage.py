@@ -150,6 +150,9 @@ def _step_metrics(summary: dict[str, Any], adv_stats: AdvantageStats, update: di
     keys = ("loss", "entropy", "grad_norm", "lr", "clip_ratio/region_mean") + (("kl",) if with_kl else ())
     for key in keys:
         metrics["clip_ratio" if key.startswith("clip_ratio") else key] = update.get(key, float("nan"))
+    for key in ("is_ratio_mean", "is_masked_rows"):  # vLLM rollouts: the off-policy correction (rl.grpo)
+        if key in update:
+            metrics[key] = update[key]
     metrics["updated"] = bool(update)
     return metrics
 

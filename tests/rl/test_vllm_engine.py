@@ -159,6 +159,8 @@ def test_grpo_steps_on_vllm_rollouts_swap_the_adapter_and_match_the_trainer(vllm
             result = train_weights(last_digit.predict_program(), last_digit.load("train", 32), last_digit.correct,
                                    remote, config, progress=False)
         assert result.steps == 2 and remote.version == 2 and remote.engine.swaps == 3
+        updated = [m for m in result.history if m["updated"]]  # float32 server and trainer: the ratios are ~1
+        assert updated and all(abs(m["is_ratio_mean"] - 1) < 0.01 and m["is_masked_rows"] == 0 for m in updated)
         assert {c.version for c in seen} == {0, 1} and len(seen) == 32  # step k's rollouts ran on version k
         assert all(c.temperature == 1.0 and c.completion_ids for c in seen)
         # the server now serves exactly what the trainer holds: an in-process policy on the saved adapter agrees
@@ -167,6 +169,29 @@ def test_grpo_steps_on_vllm_rollouts_swap_the_adapter_and_match_the_trainer(vllm
         ours, theirs = _greedy(check), _greedy(remote)
         assert [c.completion_ids for c in theirs] == [c.completion_ids for c in ours]
         assert {c.version for c in theirs} == {2}
+    finally:
+        remote.close()
+
+
+@pytest.mark.slow
+def test_sampling_logprobs_from_the_server_are_the_trainers_at_the_sampling_temperature(vllm_server, tiny_model_dir):
+    _, remote = _policies(tiny_model_dir, vllm_server, "tiny-vllm-lp")
+    try:
+        _perturb([remote], 3)  # a trained-looking adapter, served as v1
+        program, lm = last_digit.predict_program(), remote.lm(temperature=0.7, max_tokens=16, cache=False)
+        with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)), recording() as calls:
+            for q in QUESTIONS:
+                try:
+                    program(question=q)
+                except Exception:  # noqa: BLE001 - a parse failure still made (and recorded) its LM call
+                    pass
+        assert len(calls) == len(QUESTIONS) and {c.version for c in calls} == {1}
+        for c in calls:
+            assert c.completion_logprobs is not None and len(c.completion_logprobs) == len(c.completion_ids)
+            with torch.no_grad():  # what TRL's loss computes: log-softmax of logits / temperature
+                logits = remote.model(torch.tensor([c.prompt_ids + c.completion_ids])).logits[0, len(c.prompt_ids) - 1 : -1]
+            ours = (logits / 0.7).log_softmax(-1).gather(-1, torch.tensor(c.completion_ids)[:, None])[:, 0]
+            assert torch.allclose(ours, torch.tensor(c.completion_logprobs), atol=1e-3), (ours, c.completion_logprobs)
     finally:
         remote.close()
 

@@ -232,6 +232,53 @@ def test_checkpoint_round_trip_is_bit_exact(tiny_model_dir, tmp_path):
     other_updater.close()
 
 
+def _capture_gradients(updater) -> dict:
+    """The LoRA gradients the updater's next optimizer step applies (Adam's first step is ~sign(g): compare g)."""
+    captured, step = {}, updater.trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        captured.update({n: p.grad.clone() for n, p in updater.policy.model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    updater.trainer.optimizer.step = capture
+    return captured
+
+
+def test_importance_sampling_drops_rows_the_sampler_made_unlikely(tiny_model_dir):
+    """vLLM-sampled rows: ratio 1 where the sampler agrees with the trainer, 0 (masked) above the cap.
+
+    The corrected update must equal an uncorrected one in which the masked row pushes nothing (advantage 0, same
+    tokens, so the same token normaliser).
+    """
+    from rl.advantages import Row
+
+    policies = [Policy.from_pretrained(tiny_model_dir, name="tiny-is") for _ in range(2)]
+    tok = policies[0].tokenizer
+    pairs = [(tok.encode(f"What is the last digit of {n}?"), tok.encode(f"Answer: {n % 10}")) for n in (123, 456, 789, 42)]
+    with torch.no_grad():  # the trainer's own log-probs at temperature 1 (what a faithful sampler reports)
+        logps = []
+        for prompt, completion in pairs:
+            logits = policies[0].model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+            logps.append(logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist())
+    logps[3] = [v - 2.0 for v in logps[3]]  # the sampler found this completion e^(2T) times less likely: ratio > 3
+    advantages = [1.0, -1.0, 0.5, -0.5]
+    rows = [Row(tuple(p), tuple(c), a, 0.0, (i, "p"), False, tuple(lp))
+            for i, ((p, c), a, lp) in enumerate(zip(pairs, advantages, logps))]
+    base = dict(SMALL, max_rollouts=64, temperature=1.0, micro_batch_size=2)
+    corrected = GRPOUpdater(policies[0], WeightStageConfig(**base, importance_sampling="sequence_mask"), 1)
+    plain = GRPOUpdater(policies[1], WeightStageConfig(**base, importance_sampling="none"), 1)
+    grads = [_capture_gradients(corrected), _capture_gradients(plain)]
+    metrics = corrected.step(corrected.to_batch(rows))
+    assert metrics["is_masked_rows"] == 0.25 and abs(metrics["is_ratio_mean"] - 0.75) < 1e-5
+    plain.step(plain.to_batch([Row(r.prompt_ids, r.completion_ids, 0.0 if i == 3 else r.advantage, 0.0, r.group, False)
+                               for i, r in enumerate(rows)]))
+    a, b = grads
+    assert a.keys() == b.keys() and any(v.abs().max() > 1e-4 for v in a.values())
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)  # gradients ~0.1
+    corrected.close()
+    plain.close()
+
+
 WORKER = textwrap.dedent("""
     import json, os, signal, sys
     import dspy
