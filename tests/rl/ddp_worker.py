@@ -123,9 +123,10 @@ def replay(out: Path, model_dir: str) -> None:
     save_file(policy.adapter_state(), str(out / "initial.safetensors"))
     rows = []
     for rank in (0, 1):
-        for prompt, completion, advantage, reward, group, truncated in json.loads(
+        for prompt, completion, advantage, reward, group, truncated, sampled in json.loads(
                 (out / f"rank{rank}.json").read_text())["step1"]["rows"]:
-            rows.append(Row(tuple(prompt), tuple(completion), advantage, reward, tuple(group), truncated))
+            rows.append(Row(tuple(prompt), tuple(completion), advantage, reward, tuple(group), truncated,
+                            tuple(sampled) if sampled is not None else None))
     _capture_first_gradient(out, "replay")
     updater = GRPOUpdater(policy, CONFIG, CONFIG.max_steps)
     metrics = updater.step(updater.to_batch(rows))

@@ -101,7 +101,7 @@ def test_batch_std_is_over_every_ranks_rewards(ddp_run):
         by_example: dict[int, list[float]] = {}
         for index, _, reward in r["step1"]["rollouts"]:
             by_example.setdefault(index, []).append(reward)
-        for _, _, advantage, reward, (index, _), _ in r["step1"]["rows"]:
+        for _, _, advantage, reward, (index, _), _, _ in r["step1"]["rows"]:
             expected = (reward - statistics.fmean(by_example[index])) / divisor
             assert advantage == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
