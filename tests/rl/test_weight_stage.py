@@ -244,6 +244,7 @@ def _capture_gradients(updater) -> dict:
     return captured
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_importance_sampling_drops_rows_the_sampler_made_unlikely(tiny_model_dir):
     """vLLM-sampled rows: ratio 1 where the sampler agrees with the trainer, 0 (masked) above the cap.
 
