@@ -34,7 +34,8 @@ def _step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, policy, updater, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(root: str | os.PathLike, step: int, policy, updater, state: dict[str, Any], keep: int = 2,
+                    trainer_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` atomically; keep the ``keep`` most recent ones.
 
     Args:
@@ -43,12 +44,15 @@ def save_checkpoint(root: str | os.PathLike, step: int, policy, updater, state: 
         policy: the policy whose adapter is saved.
         updater: the :class:`rl.grpo.GRPOUpdater` (optimizer + scheduler state).
         state: JSON-serialisable loop state (cursor, history, ...); ``step`` and RNG are added here.
+        keep: how many recent checkpoints to keep.
+        trainer_state: ``updater.state_dict()`` taken already (under DeepSpeed ZeRO it is a collective: every rank
+            takes it, one rank writes the checkpoint).
     """
     root = Path(root)
     final = _step_dir(root, step)
     with atomic_dir(final) as tmp:
         policy.save_adapter(tmp / "adapter")
-        torch.save(updater.state_dict(), tmp / "trainer.pt")
+        torch.save(trainer_state if trainer_state is not None else updater.state_dict(), tmp / "trainer.pt")
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         full = {**state, "step": step, "adapter_version": policy.version,
                 "python_rng": _jsonable(random.getstate())}
@@ -72,10 +76,22 @@ def load_checkpoint(path: str | os.PathLike, policy, updater) -> dict[str, Any]:
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
     policy.load_adapter(path / "adapter", version=state["adapter_version"])
-    updater.load_state_dict(torch.load(path / "trainer.pt", weights_only=True))
+    with torch.serialization.safe_globals(_deepspeed_globals()):  # weights_only: no arbitrary code from a pickle
+        updater.load_state_dict(torch.load(path / "trainer.pt", weights_only=True))
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     random.setstate(_tupled(state["python_rng"]))
     return state
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The plain DeepSpeed classes a ZeRO optimizer's state holds (loss scaler, stage, fragment addresses)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def _jsonable(value: Any) -> Any:

@@ -56,7 +56,21 @@ _IS_RATIO = "importance_sampling_ratio"  # batch key TRL's loss multiplies the p
 
 
 class UnsupportedDistributedError(CotuneRLError, RuntimeError):
-    """The accelerate setup is one the weight stage cannot train under (only DDP data parallelism is supported)."""
+    """The accelerate setup is one the weight stage cannot train under (supported: DDP, DeepSpeed ZeRO-2/3)."""
+
+
+def _launched_with() -> str | None:
+    """``"deepspeed"`` / ``"fsdp"`` when ``accelerate launch`` asked for that backend, else ``None``.
+
+    Read from the launcher's environment before the trainer exists: on CPU accelerate's ``cpu=True`` would silently
+    drop DeepSpeed (and it never enables FSDP on CPU), so the trainer must be built knowing what was asked for.
+    """
+    import os
+
+    for backend in ("deepspeed", "fsdp"):
+        if os.environ.get(f"ACCELERATE_USE_{backend.upper()}", "false").lower() == "true":
+            return backend
+    return None
 
 
 def _dummy_reward(completions, **kwargs):  # TRL requires a reward source; ours never runs through TRL
@@ -78,11 +92,18 @@ class GRPOUpdater:
 
         self.policy = policy
         self.config = config
+        backend = _launched_with()
+        if backend == "fsdp":
+            raise UnsupportedDistributedError(
+                "the weight stage does not train under FSDP: launch with DeepSpeed ZeRO-3 to shard the weights "
+                "(docs/accelerate/deepspeed_zero3.yaml) or with DDP (docs/accelerate/multi_gpu.yaml)")
+        on_cpu = policy.device.type == "cpu"
         self._workdir = tempfile.TemporaryDirectory(prefix="cotune-grpo-")
         args = GRPOConfig(
             output_dir=self._workdir.name,
             report_to="none",
-            use_cpu=policy.device.type == "cpu",
+            use_cpu=on_cpu and backend is None,  # DeepSpeed on CPU: cpu=False and gloo, else accelerate drops it
+            ddp_backend="gloo" if on_cpu and backend == "deepspeed" else None,
             bf16=False,
             fp16=False,
             activation_checkpointing=False,
@@ -104,6 +125,11 @@ class GRPOUpdater:
             logging_steps=1,
             seed=config.seed,
         )
+        # ZeRO-3 partitioned the policy in an earlier stage: TRL would copy the partitioned "default" adapter into its
+        # "ref" adapter with plain tensor ops; build without the reference and add it from the gathered adapter
+        repartition = config.beta != 0.0 and _zero3_partitioned(policy.model)
+        if repartition:
+            args.beta = 0.0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self.trainer = GRPOTrainer(
@@ -115,7 +141,12 @@ class GRPOUpdater:
             )
         if self.trainer.model is not policy.model:
             raise RuntimeError("TRL replaced the policy model; the engine would keep generating from stale weights")
-        self.trainer.create_optimizer_and_scheduler(num_training_steps=max(1, total_steps))
+        if repartition:
+            self.trainer.beta = self.trainer.args.beta = config.beta
+            _add_ref_adapter_zero3(policy.model)
+        self._total_steps = max(1, total_steps)
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=self._total_steps)
+        self.zero_stage: int | None = None  # DeepSpeed's ZeRO stage, when launched with DeepSpeed
         if config.importance_sampling != "none":
             # TRL applies the ratio in its loss under these flags; its generation code, which they also switch, is
             # never called (we generate), so this turns on exactly the loss-side correction
@@ -138,17 +169,59 @@ class GRPOUpdater:
         from accelerate.utils import DistributedType
 
         kind = self.accelerator.distributed_type
-        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP) or not str(kind.value).startswith("MULTI_"):
+        if kind == DistributedType.DEEPSPEED:
+            return self._prepare_deepspeed()
+        if not str(kind.value).startswith("MULTI_"):
             raise UnsupportedDistributedError(
-                f"the weight stage trains data-parallel with DDP only (accelerate's MULTI_GPU / MULTI_CPU), not under "
-                f"{kind.value}: DeepSpeed ZeRO-3 and FSDP shard the weights the in-process engine generates from, and "
-                "the adapter would have to be gathered (accelerator.get_state_dict) before every save and vLLM swap. "
-                "Launch with docs/accelerate/multi_gpu.yaml (see docs/cluster.md).")
+                f"the weight stage trains data-parallel with DDP (accelerate's MULTI_GPU / MULTI_CPU) or DeepSpeed "
+                f"ZeRO-2/3, not under {kind.value}; launch with docs/accelerate/multi_gpu.yaml or "
+                "deepspeed_zero2.yaml / deepspeed_zero3.yaml (see docs/cluster.md)")
         trainer = self.trainer
         self.model, trainer.optimizer = self.accelerator.prepare(trainer.model, trainer.optimizer)
         trainer.model_wrapped = self.model
         if self.model is trainer.model or self.model.module is not self.policy.model:
             raise RuntimeError("accelerate did not wrap the policy model in DDP; gradients would not be averaged")
+
+    def _prepare_deepspeed(self) -> None:
+        """Hand the model and optimizer to a DeepSpeed engine (ZeRO stage 2 or 3).
+
+        The engine owns backward and the optimizer step: ``accelerator.backward`` runs ``engine.backward`` on every
+        micro-batch and ``engine.step`` (clip, step, zero grads) on the one where gradients sync, the step's last
+        (``_sync_on`` sets it, so the number of micro-batches may change from step to step). The engine runs with one
+        accumulation step, so it never rescales TRL's loss (already the step's token mean), and its gradients are the
+        mean over ranks, as DDP's. The lr schedule stays ours, rebuilt on the torch optimizer ZeRO wraps (ZeRO drops
+        empty parameter groups). Under ZeRO-3 every forward pass is a collective over ranks: the in-process engine,
+        which generates a different amount on every rank, cannot run on it; generate on a vLLM server.
+        """
+        accelerator, trainer, config = self.accelerator, self.trainer, self.config
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        if "optimizer" in ds or "scheduler" in ds:
+            raise UnsupportedDistributedError(
+                "the DeepSpeed config names an optimizer or scheduler: remove them; the weight stage brings its own "
+                "(AdamW and the configured lr schedule)")
+        param_dtype = next(self.policy.model.parameters()).dtype
+        for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            if ds.get(key, {}).get("enabled") is True and param_dtype != dtype:
+                raise UnsupportedDistributedError(
+                    f"DeepSpeed {key} would cast the policy's {param_dtype} weights (which the engine generates from) "
+                    f"to {dtype}: launch with mixed_precision 'no' and load the policy in the dtype to train in")
+        self.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        if self.zero_stage == 3 and getattr(self.policy.engine, "sync", None) is None:
+            raise UnsupportedDistributedError(
+                "ZeRO-3 partitions the weights across ranks, so the in-process engine cannot generate from them (each "
+                "rank's forward passes would wait on the others'); generate on a vLLM server "
+                "(Policy.from_pretrained(..., engine='http://host:port'), or engine: in the experiment file), "
+                "or train with ZeRO-2 / DDP")
+        ds["train_micro_batch_size_per_gpu"] = config.micro_batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = config.micro_batch_size * accelerator.num_processes
+        ds["gradient_clipping"] = float(config.max_grad_norm)  # the engine clips (0: no clipping)
+        self.model, trainer.optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
+        trainer.model_wrapped = trainer.deepspeed = self.model
+        if getattr(self.model, "module", None) is not self.policy.model:
+            raise RuntimeError("accelerate did not hand the policy model to a DeepSpeed engine")
+        trainer.lr_scheduler = None
+        trainer.create_scheduler(num_training_steps=self._total_steps, optimizer=self.model.optimizer.optimizer)
 
     def close(self) -> None:
         """Drop TRL's frozen reference adapter so the policy holds only its own adapter again.
@@ -157,7 +230,10 @@ class GRPOUpdater:
         outlive this updater and all-reduce the gradients of whatever trains the policy next.
         """
         if self.distributed and self.model is not self.trainer.model:
-            self.model._remove_autograd_hooks()
+            if self.zero_stage is None:  # DDP
+                self.model._remove_autograd_hooks()
+            else:  # a DeepSpeed engine: drop ZeRO's gradient hooks (ZeRO-3 leaves the weights partitioned)
+                self.model.destroy()
             self.accelerator.free_memory()
             self.model = self.trainer.model_wrapped = self.trainer.model
         model = self.policy.model
@@ -269,9 +345,9 @@ class GRPOUpdater:
         if self.distributed:  # the mean over ranks is the loss DDP's averaged gradient belongs to
             total = distributed.all_reduce([total], "sum")[0] / self.accelerator.num_processes
         grad_norm = trainer._clip_grad_norm(model) if trainer.args.max_grad_norm > 0 else None
-        trainer.optimizer.step()
+        trainer.optimizer.step()  # under DeepSpeed a no-op: the engine stepped in the last backward
         trainer.lr_scheduler.step()
-        model.zero_grad(set_to_none=True)
+        self.policy.model.zero_grad(set_to_none=True)
         model.eval()
         trainer.state.global_step += 1
         metrics = {k: float(np.nanmean(v)) for k, v in trainer._metrics["train"].items() if len(v)}
@@ -309,11 +385,26 @@ class GRPOUpdater:
     # --- checkpoint state -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.trainer.optimizer.state_dict(), "scheduler": self.trainer.lr_scheduler.state_dict(),
+        """Optimizer + scheduler state. Under ZeRO every rank holds its own optimizer partition: this is then a
+        collective (every rank calls it) whose result holds every rank's partition, in rank order."""
+        optimizer = self.trainer.optimizer.state_dict()
+        if self.zero_stage is not None:
+            optimizer = {"zero_partitions": distributed.gather_objects(optimizer)}
+        return {"optimizer": optimizer, "scheduler": self.trainer.lr_scheduler.state_dict(),
                 "global_step": self.trainer.state.global_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        if "zero_partitions" in optimizer:
+            parts = optimizer["zero_partitions"]
+            if self.zero_stage is None or len(parts) != self.accelerator.num_processes:
+                raise UnsupportedDistributedError(
+                    f"the checkpoint holds the ZeRO optimizer partitions of {len(parts)} ranks: resume under DeepSpeed "
+                    f"with {len(parts)} processes (this is {self.accelerator.num_processes}, "
+                    f"{'DeepSpeed' if self.zero_stage is not None else 'not DeepSpeed'})")
+            self.trainer.optimizer.optimizer.load_state_dict(parts)  # ZeRO takes the list and picks its own rank's
+        else:
+            self.trainer.optimizer.load_state_dict(optimizer)
         self.trainer.lr_scheduler.load_state_dict(state["scheduler"])
         self.trainer.state.global_step = int(state["global_step"])
 
@@ -339,3 +430,23 @@ def importance_ratio(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, m
     if mode.endswith("truncate"):
         return ratio.clamp(max=cap)
     return ratio.masked_fill(ratio > cap, 0.0)
+
+
+def _zero3_partitioned(model) -> bool:
+    """True when DeepSpeed ZeRO-3 partitioned the model's parameters (an earlier updater prepared it)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _add_ref_adapter_zero3(model) -> None:
+    """TRL's frozen "ref" adapter (a copy of "default") on a ZeRO-3-partitioned model: copied from the gathered
+    default adapter (a collective), as plain tensors on every rank (it never trains)."""
+    import deepspeed
+
+    model.add_adapter("ref", model.peft_config["default"])
+    model.set_adapter("default")
+    defaults = {n: p for n, p in model.named_parameters() if ".default." in n}
+    with deepspeed.zero.GatheredParameters(list(defaults.values()), modifier_rank=None), torch.no_grad():
+        for name, param in defaults.items():
+            ref = model.get_parameter(name.replace(".default.", ".ref."))
+            ref.data = param.data.detach().clone().to(ref.device)
+            ref.requires_grad_(False)

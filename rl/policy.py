@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -300,16 +301,21 @@ class Policy:
     # --- weights --------------------------------------------------------------------------------
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights (PEFT's naming), detached copies on CPU."""
+        """The LoRA weights (PEFT's naming), detached copies on CPU.
+
+        Under DeepSpeed ZeRO-3 each rank holds a partition: the weights are gathered, a collective that every rank
+        must enter (:meth:`bump_version` does, after every update, and keeps the result for :meth:`save_adapter`).
+        """
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.model, adapter_name="default")
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
+        with _gathered(self.model):
+            state = get_peft_model_state_dict(self.model, adapter_name="default")
+            return {k: v.detach().cpu().clone() for k, v in state.items()}
 
-    def adapter_hash(self) -> str:
-        """Content hash of base identity + LoRA weights."""
+    def adapter_hash(self, state: dict[str, torch.Tensor] | None = None) -> str:
+        """Content hash of base identity + LoRA weights (``state``, default: :meth:`adapter_state`)."""
         h = hashlib.sha256(self.base_fingerprint.encode())
-        for key, value in sorted(self.adapter_state().items()):
+        for key, value in sorted((state if state is not None else self.adapter_state()).items()):
             h.update(key.encode())
             h.update(value.float().numpy().tobytes())
         return h.hexdigest()
@@ -318,9 +324,15 @@ class Policy:
         """Call after the adapter's weights changed: advances the version and the model string."""
         with self.lock:
             self.version += 1
-            self._adapter_hash = self.adapter_hash()
-            self._sync_engine()
+            self._adapter_changed()
             return self.version
+
+    def _adapter_changed(self) -> None:
+        state = self.adapter_state()
+        # partitioned weights (ZeRO-3): keep the gathered copy, so that one rank can save it alone
+        self._adapter_snapshot = state if _zero3_lora(self.model) else None
+        self._adapter_hash = self.adapter_hash(state)
+        self._sync_engine()
 
     def _sync_engine(self) -> None:
         """Tell an out-of-process engine (vLLM) that the adapter changed, so that it serves the new version."""
@@ -332,7 +344,10 @@ class Policy:
         """Write a standard PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
         out = Path(out_dir)
         with self.lock:
-            self.model.save_pretrained(out, safe_serialization=True, selected_adapters=["default"])
+            snapshot = getattr(self, "_adapter_snapshot", None) if _zero3_lora(self.model) else None
+            # partitioned weights: PEFT would write empty shards; write the copy gathered at the last update
+            full = None if snapshot is None else {_peft_param_name(k): v for k, v in snapshot.items()}
+            self.model.save_pretrained(out, safe_serialization=True, selected_adapters=["default"], state_dict=full)
         meta = {"base_model": str(self.base_path), "base_fingerprint": self.base_fingerprint,
                 "version": self.version, "model_string": self.model_string, "lora": asdict(self.lora)}
         tmp = out / "cotune_adapter.json.tmp"
@@ -362,15 +377,35 @@ class Policy:
         from peft import set_peft_model_state_dict
 
         with self.lock:
-            result = set_peft_model_state_dict(self.model, state)
+            with _gathered(self.model, modifier_rank=0):  # ZeRO-3: a collective; rank 0's values are kept
+                result = set_peft_model_state_dict(self.model, state)
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"adapter {source!r} does not match this model: {result.unexpected_keys[:3]}")
             if version is None:
                 return self.bump_version()
             self.version = version
-            self._adapter_hash = self.adapter_hash()
-            self._sync_engine()
+            self._adapter_changed()
             return self.version
+
+
+def _zero3_lora(model) -> list[torch.nn.Parameter]:
+    """The LoRA parameters DeepSpeed ZeRO-3 partitioned across ranks (empty when it did not)."""
+    return [p for n, p in model.named_parameters() if "lora_" in n and hasattr(p, "ds_id")]
+
+
+def _gathered(model, modifier_rank: int | None = None):
+    """Full LoRA weights inside the block under ZeRO-3 (a collective; ``modifier_rank``'s changes are kept)."""
+    params = _zero3_lora(model)
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _peft_param_name(key: str) -> str:
+    """PEFT's saved key (``...lora_A.weight``) as the model's parameter name (``...lora_A.default.weight``)."""
+    return key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -299,10 +299,12 @@ def train_weights(
                     shown["kl"] = f"{metrics['kl']:.3g}"
                 bar.set_postfix(shown)
             if ckpt_root is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                if main:  # the ranks hold identical weights and optimizer state: one copy is written
+                trainer_state = updater.state_dict()  # every rank: under ZeRO it gathers the optimizer partitions
+                if main:  # the ranks hold identical weights (and optimizer state, or its partitions): one copy
                     save_checkpoint(ckpt_root, step + 1, policy, updater, {
                         "cursor": cursor.state(), "history": _finite(history),
-                        "rollouts": rollouts_done, "lm_calls": calls_done, "config": config.to_dict()})
+                        "rollouts": rollouts_done, "lm_calls": calls_done, "config": config.to_dict()},
+                        trainer_state=trainer_state)
                 if parallel:  # nobody moves on (or returns and reads it) before the checkpoint is complete
                     distributed.barrier()
     finally:

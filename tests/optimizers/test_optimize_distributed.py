@@ -27,12 +27,12 @@ WORKER = Path(__file__).with_name("optimize_worker.py")
 pytestmark = pytest.mark.slow
 
 
-def _launch(*args: str) -> list[str]:
+def _launch(*args: str, config: str = "cpu.yaml") -> list[str]:
     """The documented CPU recipe (docs/accelerate/cpu.yaml: 2 processes through torchrun, gloo)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "docs/accelerate/cpu.yaml",
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"docs/accelerate/{config}",
             "--main_process_port", str(port), *args]
 
 
@@ -57,10 +57,12 @@ def _same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def joint_run(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["cpu.yaml", "deepspeed_zero2_cpu.yaml"], ids=["ddp", "zero2"])
+def joint_run(request, tiny_model_dir, tmp_path_factory):
+    if request.param.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install cotune[deepspeed])")
     out = tmp_path_factory.mktemp("optimize-ddp")
-    _run(_launch(str(WORKER), str(out), str(tiny_model_dir), "p -> w -> s", "144"))
+    _run(_launch(str(WORKER), str(out), str(tiny_model_dir), "p -> w -> s", "144", config=request.param))
     return out, _ranks(out)
 
 

@@ -45,10 +45,28 @@ def _capture_first_gradient(out: Path, name: str) -> None:
     step = GRPOUpdater.step
 
     def capturing(self, batch):
+        path = out / f"{name}-grad.safetensors"
+        if self.zero_stage is not None and not hasattr(self.model, "_cotune_capture"):
+            # DeepSpeed: the engine steps (and zeroes the gradients) inside the last backward; take ZeRO's full,
+            # rank-averaged gradient just before (safe_get_full_grad is a collective: every rank takes it)
+            from deepspeed.utils import safe_get_full_grad
+
+            engine, engine_step = self.model, self.model.step
+
+            def capture_step(*args, **kwargs):
+                if not path.exists() and not engine._cotune_capture:
+                    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in self.policy.model.named_parameters()
+                             if p.requires_grad}
+                    engine._cotune_capture = True
+                    save_file(grads, str(path))
+                return engine_step(*args, **kwargs)
+
+            engine._cotune_capture = False
+            engine.step = capture_step
         clip = self.trainer._clip_grad_norm
 
         def capture(model):
-            if not (out / f"{name}-grad.safetensors").exists():
+            if not path.exists() and self.zero_stage is None:
                 save_file({n: p.grad.detach().clone() for n, p in self.policy.model.named_parameters()
                            if p.grad is not None}, str(out / f"{name}-grad.safetensors"))
             return clip(model)

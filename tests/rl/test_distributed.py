@@ -38,9 +38,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(*worker_args: str) -> list[str]:
+def _launch(*worker_args: str, config: str = "cpu.yaml") -> list[str]:
     """The documented CPU recipe: `accelerate launch --config_file docs/accelerate/cpu.yaml` (2 processes, gloo)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "docs/accelerate/cpu.yaml",
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"docs/accelerate/{config}",
             "--main_process_port", str(_free_port()), str(WORKER), *worker_args]
 
 
@@ -51,11 +51,14 @@ def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return out
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tiny_model_dir, tmp_path_factory):
-    """Run the 2-rank stage with the documented CPU config, then the 1-process replay of its first update."""
+@pytest.fixture(scope="module", params=["cpu.yaml", "deepspeed_zero2_cpu.yaml"], ids=["ddp", "zero2"])
+def ddp_run(request, tiny_model_dir, tmp_path_factory):
+    """Run the 2-rank stage with a documented CPU config (DDP, or DeepSpeed ZeRO-2: the same update, the optimizer
+    state partitioned over the ranks), then the 1-process replay of its first update."""
+    if request.param.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install cotune[deepspeed])")
     out = tmp_path_factory.mktemp("ddp")
-    _run(_launch("train", str(out), str(tiny_model_dir)))
+    _run(_launch("train", str(out), str(tiny_model_dir), config=request.param))
     _run([sys.executable, str(WORKER), "replay", str(out), str(tiny_model_dir)])
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     return out, ranks
