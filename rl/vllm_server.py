@@ -233,8 +233,10 @@ class VLLMServer:
         log_path = Path(log_path)
         with open(log_path, "ab") as log:
             # its own session: vLLM forks engine-core and worker processes; close() stops the whole group
+            # `python -m` puts the working folder first on sys.path: an empty one, so that nothing there (a folder
+            # named like a module vLLM imports, e.g. /tmp/z3) can shadow a package
             process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                       start_new_session=True, cwd=tempfile.gettempdir())
+                                       start_new_session=True, cwd=_empty_dir())
         server = cls(f"http://{host}:{port}", served_model, process=process, log_path=log_path)
         try:
             server.wait_healthy(startup_timeout_s)
@@ -358,3 +360,14 @@ class VLLMServer:
     def completions(self, payload: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/completions`` (prompts as text or token ids); returns the JSON body."""
         return self._post("/v1/completions", payload).json()
+
+
+def _empty_dir() -> str:
+    """An empty folder, the same one for every server of this process."""
+    global _EMPTY
+    if _EMPTY is None or not os.path.isdir(_EMPTY) or os.listdir(_EMPTY):
+        _EMPTY = tempfile.mkdtemp(prefix="cotune-vllm-cwd-")
+    return _EMPTY
+
+
+_EMPTY: str | None = None
