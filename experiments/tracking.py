@@ -29,10 +29,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import random
 import re
 import time
 import urllib.error
@@ -41,7 +41,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from optimizers.callbacks import OptimizeCallback
+from optimizers.tune import sqlite_file
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +69,6 @@ def default_tracking_uri(directory: str | os.PathLike | None = None) -> str:
 def resolve_tracking_uri(explicit: str | None = None, configured: str | None = None) -> str:
     """The tracking URI: ``explicit`` (CLI) > ``configured`` (experiment file) > ``$MLFLOW_TRACKING_URI`` > default."""
     return explicit or configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:"):
-        return None
-    path = re.sub(r"^sqlite:/{2,3}", "", uri)
-    if uri.startswith("sqlite:////"):
-        path = "/" + path.lstrip("/")
-    elif uri.startswith("sqlite:///") and not path.startswith("/"):
-        path = str(Path.cwd() / path)
-    return Path(path.split("?", 1)[0])
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
@@ -107,29 +99,27 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     if uri.startswith("file:") or "://" not in uri:
         raise TrackingError(f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use "
                             f"sqlite:///{DEFAULT_DB} or an http(s):// server")
-    sqlite = _sqlite_path(uri)
+    sqlite = sqlite_file(uri)
     if sqlite is not None and not sqlite.parent.is_dir():
         raise TrackingError(f"tracking URI {uri}: folder {str(sqlite.parent)!r} does not exist")
     from mlflow import MlflowClient
 
-    # Opening a database store creates or migrates its tables; two processes doing that to a fresh file at once can
-    # collide ("duplicate column name"), so a failure is retried before it counts.
-    attempts = 5 if sqlite is not None else 1
-    for attempt in range(attempts):
-        try:
+    # Opening a database store creates or migrates its tables. Two processes doing that to one fresh sqlite file at
+    # once collide ("duplicate column name", or "table _alembic_tmp_experiments already exists", which leaves a
+    # half-migrated file that no retry can open), so on one machine the first open is serialised by a lock file
+    # beside the database. Server-backed stores migrate on the server; one attempt is enough there.
+    lock = FileLock(f"{sqlite}.lock") if sqlite is not None else contextlib.nullcontext()
+    try:
+        with lock:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-            return
-        except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to the user
-            if attempt + 1 < attempts:
-                time.sleep(1.0 + random.random() * 2)
-                continue
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise TrackingError(f"cannot use tracking store {redact(uri)}: {first}") from None
+    except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrackingError(f"cannot use tracking store {redact(uri)}: {first}") from None
 
 
 def describe_store(uri: str) -> str:
     """Where the runs are and how to look at them."""
-    sqlite = _sqlite_path(uri)
+    sqlite = sqlite_file(uri)
     if sqlite is not None:
         return (f"{uri} (artifacts in {sqlite.parent / 'mlruns'}); browse with: "
                 f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
@@ -151,7 +141,7 @@ def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
             raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) "
                                 "or use another name (tracking.experiment)")
         return experiment.experiment_id
-    sqlite = _sqlite_path(uri)
+    sqlite = sqlite_file(uri)
     location = (sqlite.parent / "mlruns").resolve().as_uri() if sqlite is not None else None
     try:
         return client.create_experiment(name, artifact_location=location)

@@ -10,7 +10,7 @@ one storage: sqlite for a single machine, any SQLAlchemy URL (PostgreSQL, MySQL)
 
 Facts this module relies on (optuna 5.0): trial numbers are assigned under a row lock on the study, so
 concurrent workers never share a number; two processes creating the *tables* of a fresh sqlite file at once
-can collide (``table version_info already exists``), so opening a storage retries; ``create_study`` with
+can collide (``table version_info already exists``), so opening a sqlite storage holds a lock file; ``create_study`` with
 ``load_if_exists=False`` raises ``DuplicatedStudyError`` for all but one of several racing creators, which
 tells exactly one worker that it created the study.
 
@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -36,9 +37,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
+from filelock import FileLock
 
 from optimizers.callbacks import OptimizeCallback
 
@@ -46,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Param", "PruneOnStage", "TuneError", "apply_params", "best_summary", "create_or_load_study",
            "make_pruner", "make_sampler", "open_storage", "parse_param", "parse_space", "redact_url", "run_trials",
-           "suggest"]
+           "sqlite_file", "suggest"]
 
 
 class TuneError(ValueError):
@@ -230,6 +233,17 @@ def redact_url(url: str) -> str:
     return re.sub(r"(//[^/:@]+):[^@/]*@", r"\1:***@", url)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL (None for other URLs and for in-memory sqlite).
+
+    >>> str(sqlite_file("sqlite:////tmp/optuna.db")), sqlite_file("postgresql://h/db"), sqlite_file("sqlite://")
+    ('/tmp/optuna.db', None, None)
+    """
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    return Path(url[len("sqlite:///"):].split("?", 1)[0])
+
+
 def open_storage(url: str, *, heartbeat_interval: int | None = 60, attempts: int = 5) -> optuna.storages.BaseStorage:
     """An Optuna storage several worker processes can share.
 
@@ -254,10 +268,14 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 60, attempts: int
         engine_kwargs["pool_pre_ping"] = True
     heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": 4 * heartbeat_interval} \
         if heartbeat_interval else {}
+    # Creating the tables of a fresh sqlite file is serialised by a lock file beside it (racing creators can leave a
+    # half-made schema); other databases get retries, since their workers may sit on different machines.
+    sqlite = sqlite_file(url)
+    lock = FileLock(f"{sqlite}.lock") if sqlite is not None else contextlib.nullcontext()
     last: Exception | None = None
     for attempt in range(attempts):
         try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5.0 and work as documented
+            with lock, warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5.0 and work as documented
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except ImportError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -119,3 +120,35 @@ def test_unusable_tracking_stores_fail_fast(tmp_path):
     with pytest.raises(TrackingError, match="file store"):
         check_tracking_uri(str(tmp_path / "mlruns"))
     check_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+RACE = """
+import sys, time
+from experiments.tracking import check_tracking_uri
+from mlflow import MlflowClient
+from optimizers.tune import create_or_load_study, open_storage
+start = float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))  # every process opens the fresh files at the same moment
+check_tracking_uri(sys.argv[1])
+MlflowClient(sys.argv[1]).search_experiments()
+create_or_load_study("s", open_storage(sys.argv[2], heartbeat_interval=None))
+"""
+
+
+def test_processes_racing_to_create_one_sqlite_store_all_succeed(tmp_path):
+    # CI once lost a `cotune tune` worker to "table _alembic_tmp_experiments already exists": two processes migrated
+    # one fresh mlflow.db at once and left it half-made. The first open now holds a lock file beside the database.
+    import subprocess
+    import sys
+    import time
+
+    from tests.experiments.helpers import REPO
+
+    tracking, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    start = str(time.time() + 8)  # after the imports of every process
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, tracking, storage, start], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n---\n".join(o[-2000:] for o in outputs)
+    assert [e.name for e in MlflowClient(tracking).search_experiments()] == ["Default"]
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["s"]
