@@ -288,6 +288,9 @@ class GRPOUpdater:
         model = trainer.model  # the unwrapped model: no gradients here, nothing to synchronise
         sampled = [r.sampling_logprobs for r in rows]
         correct = self.config.importance_sampling != "none" and any(s is not None for s in sampled)
+        if self.distributed:  # agreed by every rank: under ZeRO-3 each forward below is a collective, and a rank whose
+            # rows all came from an uncorrected source (or that has padding rows only) must still take part
+            correct = bool(distributed.all_reduce([float(correct)], "max")[0])
         self._corrected = correct  # for the step's metrics
         with disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs):
             if self.config.num_iterations > 1 or correct:  # the batch is reused / the sampler was not the trainer

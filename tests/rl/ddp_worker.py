@@ -6,7 +6,7 @@ questions of each step, the step-1 rollouts and the exact rows the update consum
 (after DDP's all-reduce), the adapter after step 1 and at the end, and the metric history. At the first update rank 1 trains on one row fewer than it computed, so that the
 ranks bring different row counts whatever was sampled (the padding path). ``replay OUT MODEL``: one process, a fresh
 policy, one update on the union of the rows the ranks trained on at step 1: what DDP must have computed.
-``vllm OUT MODEL URL``: two steps with every rank generating on one shared vLLM server.
+``vllm OUT MODEL URL``: two steps with every rank generating on one shared vLLM server (under DDP or ZeRO-3).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from programs.tasks import last_digit
 from rl import Policy, WeightStageConfig, distributed, train_weights
 from rl.advantages import Row
 from rl.grpo import GRPOUpdater
+from rl.policy import zero3_lora_params
 
 # 3 examples over 2 ranks: uneven shards (2 + 1); micro-batches of 2 rows: several per step (no_sync, then sync)
 CONFIG = WeightStageConfig(num_generations=4, examples_per_step=3, max_tokens=16, learning_rate=1e-3,
@@ -124,12 +125,14 @@ def vllm(out: Path, model_dir: str, url: str) -> None:
     def monitor(step, rollouts):
         models[step] = sorted({c.model for r in rollouts for c in r.calls})
 
-    config = WeightStageConfig(**{**CONFIG.to_dict(), "max_rollouts": 12 * 2, "checkpoint_every": 0})
+    # beta > 0: the frozen "ref" adapter too (under ZeRO-3 rebuilt from the gathered weights), a KL term in the loss
+    config = WeightStageConfig(**{**CONFIG.to_dict(), "max_rollouts": 12 * 2, "checkpoint_every": 0, "beta": 0.04})
     result = train_weights(last_digit.predict_program(), last_digit.load("train", TRAIN_SIZE), last_digit.correct,
                            policy, config, monitors=[monitor], progress=False)
     rank, engine = distributed.rank(), policy.engine
-    record = {"models": models, "swaps": engine.swaps, "name": engine.adapter_name(), "version": policy.version,
-              "updates": sum(h["updated"] for h in result.history)}
+    record = {"models": models, "swaps": engine.swaps, "partitioned": bool(zero3_lora_params(policy.model)), "name": engine.adapter_name(), "version": policy.version,
+              "updates": sum(h["updated"] for h in result.history),
+              "kl": [h.get("kl") for h in result.history if h["updated"]]}
     distributed.barrier()  # every rank is done generating before rank 0 unloads its adapters
     policy.close()
     (out / f"vllm-rank{rank}.json").write_text(json.dumps(record))

