@@ -22,6 +22,7 @@ from optimizers import OptimizeCallback, optimize
 from optimizers.result import program_state
 from programs.tasks import last_digit
 from rl import Policy, distributed
+from rl.policy import zero3_lora_params
 
 WEIGHTS = {"learning_rate": 1e-3, "max_tokens": 16, "num_generations": 4, "examples_per_step": 4}
 PROMPT = {"num_candidate_programs": 2, "max_bootstrapped_demos": 3, "num_threads": 4}
@@ -83,7 +84,8 @@ def main() -> int:
                                               default=str).encode()).hexdigest(),
             last_program=hashlib.sha256(json.dumps(program_state(result.last_program), sort_keys=True,
                                                    default=str).encode()).hexdigest(),
-            version=policy.version, model_string=policy.model_string)
+            version=policy.version, model_string=policy.model_string,
+            partitioned=bool(zero3_lora_params(policy.model)))
         if args.engine != "local":
             report.update(swaps=policy.engine.swaps, served=policy.engine.served_adapters(),
                           current=policy.engine.adapter_name())
