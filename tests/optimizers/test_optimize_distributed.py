@@ -124,15 +124,17 @@ def test_an_error_on_rank_zero_stops_every_rank_and_resume_continues(tiny_model_
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize("config", ["cpu.yaml", "deepspeed_zero3_cpu.yaml"], ids=["ddp", "zero3"])
-def test_ranks_share_one_vllm_server_through_optimize(vllm_python, tiny_model_dir, tmp_path, config):
-    # under ZeRO-3 the weights are partitioned: rank 0's prompt stage and evaluations generate on the server alone
+@pytest.mark.parametrize(("config", "schedule"), [("cpu.yaml", "w -> p"), ("deepspeed_zero3_cpu.yaml", "w -> p -> s")],
+                         ids=["ddp", "zero3"])
+def test_ranks_share_one_vllm_server_through_optimize(vllm_python, tiny_model_dir, tmp_path, config, schedule):
+    # under ZeRO-3 the weights are partitioned: rank 0's prompt stage and evaluations generate on the server alone,
+    # and the self-training stage samples on it
     from rl import VLLMServer
 
     if config.startswith("deepspeed"):
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install cotune[deepspeed])")
     with VLLMServer.start(tiny_model_dir, python=vllm_python, dtype="float32") as server:
-        _run(_launch(str(WORKER), str(tmp_path), str(tiny_model_dir), "w -> p", "96", "--engine", server.url,
+        _run(_launch(str(WORKER), str(tmp_path), str(tiny_model_dir), schedule, "96" if schedule == "w -> p" else "144", "--engine", server.url,
                      config=config))
     r0, r1 = _ranks(tmp_path)
     for key in ("history", "best_index", "program", "version", "model_string", "current", "served", "partitioned"):
@@ -140,7 +142,9 @@ def test_ranks_share_one_vllm_server_through_optimize(vllm_python, tiny_model_di
     assert r0["partitioned"] == config.startswith("deepspeed_zero3")
     trained = r0["history"][1]["adapter_version"]  # one version per GRPO update (a step whose groups all tie skips it)
     assert 1 <= trained <= 3
-    assert r0["swaps"] == trained + 1 and r1["swaps"] == 0  # rank 0 alone loads each version (and v0) into the server
+    assert [h["name"] for h in r0["history"]][1:] == [f"{k}-{s}" for k, s in enumerate(schedule.split(" -> "), 1)]
+    assert r0["version"] >= r0["history"][-1]["adapter_version"]  # restoring the best stage's adapter is a version
+    assert r0["swaps"] == r0["version"] + 1 and r1["swaps"] == 0  # rank 0 alone loads each version (and v0)
     assert r0["served"] == [r0["current"]]  # old versions unloaded; the adapter left is the one in use
     saved = load_file(tmp_path / "run" / "best" / "adapter" / "adapter_model.safetensors")
     assert all(_same_tensors(load_file(tmp_path / f"rank{r}-adapter.safetensors"), saved) for r in (0, 1))
