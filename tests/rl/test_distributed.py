@@ -142,13 +142,13 @@ def test_ddp_update_equals_one_process_on_the_union_of_rows(ddp_run):
     assert float((ddp_update - one_update).norm() / one_update.norm()) < 0.05
 
 
-@pytest.mark.slow
 @pytest.fixture(scope="module")
 def shared_server(vllm_python, tiny_model_dir):
     with VLLMServer.start(tiny_model_dir, python=vllm_python, dtype="float32") as server:
         yield server
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["cpu.yaml", "deepspeed_zero3_cpu.yaml"], ids=["ddp", "zero3"])
 def test_ranks_share_one_vllm_server_and_rank0_alone_loads_adapters(shared_server, tiny_model_dir, tmp_path, config):
     # ZeRO-3 partitions the LoRA weights: generation must be on vLLM, every forward is a collective (the ranks must
