@@ -10,9 +10,9 @@ one storage: sqlite for a single machine, any SQLAlchemy URL (PostgreSQL, MySQL)
 
 Facts this module relies on (optuna 5.0): trial numbers are assigned under a row lock on the study, so
 concurrent workers never share a number; two processes creating the *tables* of a fresh sqlite file at once
-can collide (``table version_info already exists``), so opening a sqlite storage holds a lock file; ``create_study`` with
-``load_if_exists=False`` raises ``DuplicatedStudyError`` for all but one of several racing creators, which
-tells exactly one worker that it created the study.
+can collide (``table version_info already exists``), so opening a sqlite storage holds a lock file;
+``create_study`` with ``load_if_exists=False`` raises ``DuplicatedStudyError`` for all but one of several racing
+creators, which tells exactly one worker that it created the study.
 
 Example:
     >>> space = parse_space({"schedule": {"choices": ["p -> w", "w -> p"]},
@@ -234,14 +234,15 @@ def redact_url(url: str) -> str:
 
 
 def sqlite_file(url: str) -> Path | None:
-    """The database file of a ``sqlite:///path`` URL (None for other URLs and for in-memory sqlite).
+    """The database file of a ``sqlite:///path`` URL, absolute (relative paths are relative to the working folder,
+    as for SQLAlchemy); None for other URLs and for in-memory sqlite.
 
     >>> str(sqlite_file("sqlite:////tmp/optuna.db")), sqlite_file("postgresql://h/db"), sqlite_file("sqlite://")
     ('/tmp/optuna.db', None, None)
     """
     if not url.startswith("sqlite:///") or url.endswith(":memory:"):
         return None
-    return Path(url[len("sqlite:///"):].split("?", 1)[0])
+    return Path(url[len("sqlite:///"):].split("?", 1)[0]).absolute()
 
 
 def open_storage(url: str, *, heartbeat_interval: int | None = 60, attempts: int = 5) -> optuna.storages.BaseStorage:

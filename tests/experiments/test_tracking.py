@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import optuna
 import pytest
 import torch
@@ -10,7 +14,7 @@ from mlflow import MlflowClient
 from experiments.tracking import MlflowTracking, TrackingError, check_tracking_uri
 from optimizers import OptimizeCallback, optimize
 from programs.tasks import last_digit
-from tests.experiments.helpers import free_port
+from tests.experiments.helpers import REPO, free_port
 
 WEIGHTS = {"learning_rate": 5e-4, "max_tokens": 16, "num_generations": 4, "examples_per_step": 4}
 
@@ -138,12 +142,6 @@ create_or_load_study("s", open_storage(sys.argv[2], heartbeat_interval=None))
 def test_processes_racing_to_create_one_sqlite_store_all_succeed(tmp_path):
     # CI once lost a `cotune tune` worker to "table _alembic_tmp_experiments already exists": two processes migrated
     # one fresh mlflow.db at once and left it half-made. The first open now holds a lock file beside the database.
-    import subprocess
-    import sys
-    import time
-
-    from tests.experiments.helpers import REPO
-
     tracking, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
     start = str(time.time() + 8)  # after the imports of every process
     procs = [subprocess.Popen([sys.executable, "-c", RACE, tracking, storage, start], cwd=REPO,

@@ -124,9 +124,10 @@ def test_an_error_on_rank_zero_stops_every_rank_and_resume_continues(tiny_model_
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize(("config", "schedule"), [("cpu.yaml", "w -> p"), ("deepspeed_zero3_cpu.yaml", "w -> p -> s")],
+@pytest.mark.parametrize(("config", "schedule", "budget"),
+                         [("cpu.yaml", "w -> p", "96"), ("deepspeed_zero3_cpu.yaml", "w -> p -> s", "144")],
                          ids=["ddp", "zero3"])
-def test_ranks_share_one_vllm_server_through_optimize(vllm_python, tiny_model_dir, tmp_path, config, schedule):
+def test_ranks_share_one_vllm_server_through_optimize(vllm_python, tiny_model_dir, tmp_path, config, schedule, budget):
     # under ZeRO-3 the weights are partitioned: rank 0's prompt stage and evaluations generate on the server alone,
     # and the self-training stage samples on it
     from rl import VLLMServer
@@ -134,7 +135,7 @@ def test_ranks_share_one_vllm_server_through_optimize(vllm_python, tiny_model_di
     if config.startswith("deepspeed"):
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install cotune[deepspeed])")
     with VLLMServer.start(tiny_model_dir, python=vllm_python, dtype="float32") as server:
-        _run(_launch(str(WORKER), str(tmp_path), str(tiny_model_dir), schedule, "96" if schedule == "w -> p" else "144", "--engine", server.url,
+        _run(_launch(str(WORKER), str(tmp_path), str(tiny_model_dir), schedule, budget, "--engine", server.url,
                      config=config))
     r0, r1 = _ranks(tmp_path)
     for key in ("history", "best_index", "program", "version", "model_string", "current", "served", "partitioned"):

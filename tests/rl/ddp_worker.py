@@ -130,7 +130,8 @@ def vllm(out: Path, model_dir: str, url: str) -> None:
     result = train_weights(last_digit.predict_program(), last_digit.load("train", TRAIN_SIZE), last_digit.correct,
                            policy, config, monitors=[monitor], progress=False)
     rank, engine = distributed.rank(), policy.engine
-    record = {"models": models, "swaps": engine.swaps, "partitioned": bool(zero3_lora_params(policy.model)), "name": engine.adapter_name(), "version": policy.version,
+    record = {"models": models, "swaps": engine.swaps, "name": engine.adapter_name(), "version": policy.version,
+              "partitioned": bool(zero3_lora_params(policy.model)),
               "updates": sum(h["updated"] for h in result.history),
               "kl": [h.get("kl") for h in result.history if h["updated"]]}
     distributed.barrier()  # every rank is done generating before rank 0 unloads its adapters

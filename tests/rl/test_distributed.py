@@ -155,8 +155,7 @@ def test_ranks_share_one_vllm_server_and_rank0_alone_loads_adapters(shared_serve
     # agree on each one), and the adapter rank 0 loads into the server is the gathered one
     if config.startswith("deepspeed"):
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install cotune[deepspeed])")
-    server = shared_server
-    _run(_launch("vllm", str(tmp_path), str(tiny_model_dir), server.url, config=config))
+    _run(_launch("vllm", str(tmp_path), str(tiny_model_dir), shared_server.url, config=config))
     ranks = [json.loads((tmp_path / f"vllm-rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["partitioned"] == ranks[1]["partitioned"] == config.startswith("deepspeed_zero3")
     assert ranks[0]["updates"] == ranks[1]["updates"] > 0
@@ -165,4 +164,4 @@ def test_ranks_share_one_vllm_server_and_rank0_alone_loads_adapters(shared_serve
     assert ranks[0]["swaps"] == 1 + ranks[0]["updates"] and ranks[1]["swaps"] == 0  # v0, then one per update
     assert ranks[0]["name"] == ranks[1]["name"] and ranks[0]["models"] == ranks[1]["models"]
     assert len({m for step in ranks[0]["models"].values() for m in step}) == 2  # step 2 used the new version
-    assert [m["id"] for m in server.models() if m.get("parent")] == []  # rank 0 unloaded what it loaded
+    assert [m["id"] for m in shared_server.models() if m.get("parent")] == []  # rank 0 unloaded what it loaded
