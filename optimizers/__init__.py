@@ -4,17 +4,28 @@ Public API:
     optimize, OptimizeResult, StageRecord: the outer loop over a schedule such as ``"p -> w -> p"``.
     OptimizeCallback: hooks for tracking and tuning.
     Budget: one limit in rollouts and LM calls for every stage.
-    load, export: a runnable program from a saved bundle; a stand-alone bundle (optionally merged weights).
+    load, export: a runnable program from a saved bundle (never running code the bundle names); a stand-alone
+        bundle (optionally merged weights).
+    OutputDirError, RunLockedError, CorruptRunError, ExportTargetError, LoadError: what can go wrong with a run
+        folder or a bundle (see optimizers.errors and optimizers.run_folder).
     parse_schedule, arm_of, ScheduleError: ``"p -> w -> p"`` schedule strings.
     run_prompt_stage, PromptStageConfig: one interface over DSPy's prompt optimizers, driven by a rubric.
 """
 
 from optimizers.budget import Budget, BudgetError, BudgetExhausted
 from optimizers.callbacks import OptimizeCallback
+from optimizers.errors import (
+    CorruptRunError,
+    ExportTargetError,
+    LoadError,
+    OptimizeError,
+    OutputDirError,
+    RunLockedError,
+)
 from optimizers.evaluate import MetricError
-from optimizers.optimize import OptimizeError, OutputDirError, optimize
+from optimizers.optimize import optimize
 from optimizers.prompt_stage import OPTIMIZERS, PromptStageConfig, PromptStageError, run_prompt_stage
-from optimizers.result import LoadError, OptimizeResult, RunInfo, StageRecord, export, load
+from optimizers.result import OptimizeResult, RunInfo, StageRecord, export, load
 from optimizers.schedule import ScheduleError, arm_of, format_schedule, parse_schedule
 
 __all__ = [
@@ -22,6 +33,8 @@ __all__ = [
     "Budget",
     "BudgetError",
     "BudgetExhausted",
+    "CorruptRunError",
+    "ExportTargetError",
     "LoadError",
     "MetricError",
     "OptimizeCallback",
@@ -31,6 +44,7 @@ __all__ = [
     "PromptStageConfig",
     "PromptStageError",
     "RunInfo",
+    "RunLockedError",
     "ScheduleError",
     "StageRecord",
     "arm_of",

@@ -19,16 +19,21 @@ the same result. An error on rank 0 stops every rank.
 
 Run folder (``output_dir``)::
 
-    run.json                   status (running / completed / failed), params, finished stages
-    stages/<i>-<stage>/        program.json, adapter/, record.json, predictions.jsonl (+ checkpoints/ for w)
+    run.json                   status (running / completed / failed), params and their hash, finished stages
+    .cotune.lock               held while a process runs the folder (optimizers.run_folder.RunLock)
+    stages/<i>-<stage>/        program.json, adapter/, record.json, predictions.jsonl
+                               (an unfinished w stage: checkpoints/ only; a finished one keeps its final adapter)
     best/  last/               bundles (manifest.json, program.json, adapter/) -- see optimizers.result
+
+What happens to a folder that is already there (see optimizers.run_folder): another process running it ->
+RunLockedError; files that are not a run -> refused; a run -> ``resume=True`` continues it (same settings only),
+``overwrite=True`` moves it aside into ``<output_dir>.old-YYYYmmdd-HHMMSS``, neither -> refused. Nothing is deleted.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -47,6 +52,7 @@ from metrics import as_rubric
 from metrics.guards import GoldGuard
 from optimizers.budget import Budget, BudgetError, Meter, Spend, fit_prompt_config
 from optimizers.callbacks import OptimizeCallback
+from optimizers.errors import CorruptRunError, OptimizeError, OutputDirError, RunLockedError
 from optimizers.evaluate import evaluate
 from optimizers.prompt_stage import PromptStageConfig, run_prompt_stage
 from optimizers.result import (
@@ -58,9 +64,11 @@ from optimizers.result import (
     StageRecord,
     build_manifest,
     program_state,
+    read_json,
     save_program,
     write_json,
 )
+from optimizers.run_folder import RunLock, open_run_folder, set_status, stage_dir
 from optimizers.schedule import arm_of, format_schedule, parse_schedule
 from rl import distributed
 from rl.atomic import atomic_dir
@@ -69,15 +77,7 @@ from rl.self_train import SelfTrainConfig, self_train
 from rl.weight_stage import _check_trainset, train_weights
 
 logger = logging.getLogger(__name__)
-RUN_FILE = "run.json"
-
-
-class OptimizeError(ValueError):
-    """``optimize()`` was called with inputs it cannot run on (the message names the argument and the fix)."""
-
-
-class OutputDirError(OptimizeError):
-    """The output folder holds something this run must not overwrite."""
+__all__ = ["CorruptRunError", "OptimizeError", "OutputDirError", "RunLockedError", "optimize"]
 
 
 def optimize(
@@ -127,8 +127,9 @@ def optimize(
         seed: seeds Python, NumPy, torch and every stage.
         output_dir: run folder (see the module docstring); ``None`` keeps artifacts in a temporary folder.
         resume: continue the interrupted run in ``output_dir`` (finished stages are reloaded, an interrupted
-            weight stage continues from its last checkpoint).
-        overwrite: replace a previous run in ``output_dir``.
+            weight stage continues from its last good checkpoint); refused when the settings differ.
+        overwrite: start over when ``output_dir`` holds a run: the old run is moved aside (never deleted) into
+            ``<output_dir>.old-YYYYmmdd-HHMMSS``. A folder of other files is refused even so.
         eval_threads: parallel program calls during evaluation.
         eval_max_tokens: max tokens per LM call at evaluation (default: ``weights.max_tokens``).
         progress: show progress bars.
@@ -142,7 +143,11 @@ def optimize(
     Raises:
         OptimizeError: bad schedule, empty trainset/valset, missing valset, a non-callable metric, bad configs.
         BudgetError: a budget too small for one step of a stage.
-        OutputDirError: ``output_dir`` holds another run (pass ``resume=True`` or ``overwrite=True``).
+        OutputDirError: ``output_dir`` is a file, not writable, holds other files, or holds a run and neither
+            ``resume`` nor ``overwrite`` was passed; on resume: the run had other settings (named) or is completed.
+        RunLockedError: another process is running ``output_dir`` (its pid and host are named).
+        CorruptRunError: on resume, a file of the run (``run.json``, a stage's ``record.json`` / ``program.json`` /
+            adapter) is damaged; the file is named.
         optimizers.evaluate.MetricError: the metric raised or returned NaN on a valset example.
 
     Example:
@@ -155,7 +160,7 @@ def optimize(
         ...     weights={"learning_rate": 1e-3, "max_tokens": 16}, budget=1200, output_dir="runs/demo")
         >>> [(r.name, round(r.val_score, 2)) for r in result.history]             # doctest: +SKIP
         [('0-baseline', 0.42), ('1-p', 0.97), ('2-w', 1.0)]
-        >>> answer = result.program(number="1234567").answer                      # doctest: +SKIP
+        >>> answer = result.program(question="What is the last digit of 1234567?").answer  # doctest: +SKIP
     """
     main = distributed.is_main_process()  # rank 0 (or the only process): runs the single-process work
     callbacks = tuple(callbacks) if main else ()
@@ -194,12 +199,13 @@ def optimize(
         root = Path(temp.name)
     else:
         root = Path(output_dir)
-    done = distributed.on_main(_prepare_output_dir, root, params, resume=resume and temp is None, overwrite=overwrite)
+    gold = _gold_guard(gold_metric)
+    lock = RunLock(root)  # held by rank 0 (which alone writes the folder) until the run ends, however it ends
+    done = distributed.on_main(open_run_folder, root, lock, params, stages, resume=resume and temp is None,
+                               overwrite=overwrite)
     run = RunInfo(params=params, output_dir=None if temp else root, stages=stages, arm=params["arm"], seed=seed)
-    _seed_everything(seed)
-
     loop = _Loop(rubric=rubric, policy=policy, valset=valset, trainset=trainset, run=run, root=root,
-                 callbacks=callbacks, gold=_gold_guard(gold_metric),
+                 callbacks=callbacks, gold=gold,
                  eval_threads=eval_threads, eval_max_tokens=eval_max_tokens or weights_cfg.max_tokens,
                  progress=progress)
     try:
@@ -212,6 +218,7 @@ def optimize(
             if index in done:  # resume: reload the finished stage and move on
                 current = loop.restore(index, stage, current, meter)
                 continue
+            _seed_everything(seed + index)  # a stage's randomness depends on (seed, index) alone: a resume repeats it
             distributed.on_main(_notify, callbacks, "on_stage_start", run, index, stage)
             t0, before = time.perf_counter(), meter.snapshot()
             details: dict[str, Any] = {}
@@ -230,14 +237,14 @@ def optimize(
         result = loop.result(program=current, params=params)
 
         def complete() -> None:
-            _set_status(root, "completed", params, sorted(set(done) | set(range(len(stages) + 1))))
+            set_status(root, "completed", params, range(len(stages) + 1))
             _notify(callbacks, "on_run_end", run, result)
 
         distributed.on_main(complete)  # the other ranks return once rank 0's callbacks (test eval, MLflow) are done
         return result
     except BaseException as exc:
-        if main:
-            _set_status(root, "failed", params, sorted(loop.finished), error=f"{type(exc).__name__}: {exc}")
+        if main:  # the finished list only grows: stages an earlier attempt finished stay listed
+            set_status(root, "failed", params, sorted(loop.finished), error=f"{type(exc).__name__}: {exc}")
         for cb in callbacks:
             try:
                 cb.on_run_error(run, exc)
@@ -245,6 +252,7 @@ def optimize(
                 logger.exception("callback %r failed in on_run_error", cb)
         raise
     finally:
+        lock.release()
         if temp is not None:
             loop.run.output_dir = None  # the temporary folder vanishes: the result must not point into it
             temp.cleanup()
@@ -267,7 +275,7 @@ class _Loop:
         self.finished: set[int] = set()
 
     def stage_dir(self, index: int, stage: str) -> Path:
-        return self.root / "stages" / f"{index}-{stage}"
+        return stage_dir(self.root, index, stage)
 
     # --- p ----------------------------------------------------------------------------------------
 
@@ -401,12 +409,10 @@ class _Loop:
             save_program(program, tmp / PROGRAM)
             self.policy.save_adapter(tmp / ADAPTER)
             (tmp / "predictions.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-            write_json(tmp / "record.json", record.to_dict())
-            old = self.stage_dir(record.index, record.stage) / "checkpoints"
-            if old.exists():  # keep the weight stage's checkpoints with the finished stage
-                shutil.copytree(old, tmp / "checkpoints")
+            write_json(tmp / "record.json", record.to_dict())  # a stage folder with its record is a finished stage
+        # the finished stage replaces the whole folder: a weight stage's checkpoints go, its final adapter stays
         self.finished.add(record.index)
-        _set_status(self.root, "running", self.run.params, sorted(self.finished))
+        set_status(self.root, "running", self.run.params, sorted(self.finished))
 
     def _add(self, record: StageRecord, program) -> None:
         self.history.append(record)
@@ -463,14 +469,25 @@ def _notify(callbacks: Sequence[OptimizeCallback], method: str, *args: Any) -> N
 
 def _read_stage(src: Path) -> tuple[StageRecord, dict[str, Any], dict[str, torch.Tensor]]:
     """A finished stage's record, program state and adapter weights, as plain objects another rank can receive."""
-    record = StageRecord(**json.loads((src / "record.json").read_text()))
-    return record, json.loads((src / PROGRAM).read_text()), _read_adapter(src / ADAPTER)
+    hint = f"delete the folder {str(src)!r} to run that stage again (resume=True), or pass overwrite=True"
+    fields = read_json(src / "record.json", hint=hint)
+    try:
+        record = StageRecord(**fields)
+    except TypeError as exc:
+        raise CorruptRunError(f"{str(src / 'record.json')!r} is not a stage record ({exc}); {hint}",
+                              path=src / "record.json") from exc
+    return record, read_json(src / PROGRAM, hint=hint), _read_adapter(src / ADAPTER, hint=hint)
 
 
-def _read_adapter(path: Path) -> dict[str, torch.Tensor]:
+def _read_adapter(path: Path, hint: str = "") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(path / "adapter_model.safetensors")
+    file = path / "adapter_model.safetensors"
+    try:
+        return load_file(file)
+    except Exception as exc:  # noqa: BLE001 - a missing or truncated file: name it
+        raise CorruptRunError(f"{str(file)!r} is missing or damaged ({type(exc).__name__}: {exc})"
+                              + (f"; {hint}" if hint else ""), path=file) from exc
 
 
 def _with_state(program: dspy.Module, state: dict[str, Any]) -> dspy.Module:
@@ -562,50 +579,6 @@ def _check_budget(stages, budget: Budget, weights: WeightStageConfig, self_cfg: 
         if stage == "s" and share < self_cfg.num_samples:
             raise BudgetError(f"budget of {budget.rollouts} rollouts gives stage {i} (s) a share of {share}, "
                               f"below num_samples={self_cfg.num_samples}")
-
-
-def _params_hash(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _prepare_output_dir(root: Path, params: dict[str, Any], *, resume: bool, overwrite: bool) -> set[int]:
-    """Check the folder; return the indexes of stages already finished (resume)."""
-    if not root.exists() or not any(root.iterdir()):
-        root.mkdir(parents=True, exist_ok=True)
-        _set_status(root, "running", params, [])
-        return set()
-    run_file = root / RUN_FILE
-    if not run_file.exists():
-        if overwrite:
-            raise OutputDirError(f"{str(root)!r} is not empty and is not a cotune run; refusing to delete its "
-                                 "files even with overwrite=True; choose another output_dir")
-        raise OutputDirError(f"{str(root)!r} is not empty and is not a cotune run; choose another output_dir")
-    state = json.loads(run_file.read_text())
-    if resume:
-        if state.get("params_hash") != _params_hash(params):
-            raise OutputDirError(f"{str(root)!r} holds a run with different settings; resume needs the same "
-                                 "arguments (or use overwrite=True / another output_dir)")
-        if state.get("status") == "completed":
-            raise OutputDirError(f"{str(root)!r} holds a completed run; nothing to resume (load it with "
-                                 "optimizers.load, or pass overwrite=True to run again)")
-        done = set(state.get("finished", []))
-        logger.info("resuming %s: stages %s already finished", root, sorted(done))
-        return done
-    if not overwrite:
-        raise OutputDirError(f"{str(root)!r} already holds a run (status {state.get('status')}); pass resume=True "
-                             "to continue it or overwrite=True to replace it")
-    for child in root.iterdir():
-        if child.name in (RUN_FILE, "stages", "best", "last"):
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    _set_status(root, "running", params, [])
-    return set()
-
-
-def _set_status(root: Path, status: str, params: dict[str, Any], finished: list[int], error: str | None = None) -> None:
-    if not root.exists():
-        return
-    write_json(root / RUN_FILE, {"status": status, "finished": finished, "params_hash": _params_hash(params),
-                                 "params": params, "error": error, "updated": time.time()})
 
 
 def _seed_everything(seed: int) -> None:

@@ -15,28 +15,25 @@ The adapter folder loads unchanged with ``peft.PeftModel.from_pretrained(base, "
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.metadata
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dspy
 
+from optimizers.errors import CorruptRunError, ExportTargetError, LoadError
 from rl.atomic import atomic_dir
 
 MANIFEST = "manifest.json"
 PROGRAM = "program.json"
 ADAPTER = "adapter"
 LIBRARIES = ("cotune", "dspy", "torch", "transformers", "peft", "trl", "optuna", "mlflow")
-
-
-class LoadError(ValueError):
-    """A folder that is not a cotune bundle or run, or a program that cannot be rebuilt from it."""
-
+BUNDLE_FORMAT = "cotune-bundle/1"
 
 @dataclass
 class RunInfo:
@@ -125,10 +122,16 @@ class OptimizeResult:
         return build_manifest(self.params, self.history, self.best_index, self.policy)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the best program + adapter + manifest as a bundle (see the module docstring)."""
+        """Write the best program + adapter + manifest as a bundle (see the module docstring).
+
+        ``overwrite=True`` replaces ``path`` only when it is a cotune bundle (see :func:`export`).
+
+        Raises:
+            ExportTargetError: ``path`` is a file, a non-empty folder (without ``overwrite``), a folder that is not
+                a bundle, or the run folder (or a folder holding it).
+        """
         out = Path(path)
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True to replace it")
+        _check_target(out, sources=[self.output_dir] if self.output_dir is not None else [], overwrite=overwrite)
         with atomic_dir(out) as tmp:
             save_program(self.program, tmp / PROGRAM)
             self.policy.save_adapter(tmp / ADAPTER)
@@ -144,6 +147,22 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(data), indent=2))
     os.replace(tmp, path)
+
+
+def read_json(path: Path, hint: str = "") -> Any:
+    """Read a JSON file of a run or bundle; a missing or damaged file is a :class:`CorruptRunError` naming it.
+
+    Args:
+        path: the file.
+        hint: what the user can do about it, appended to the message.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise CorruptRunError(f"{str(path)!r} is missing" + (f"; {hint}" if hint else ""), path=Path(path)) from exc
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError (binary garbage)
+        raise CorruptRunError(f"{str(path)!r} is damaged or truncated ({type(exc).__name__}: {exc})"
+                              + (f"; {hint}" if hint else ""), path=Path(path)) from exc
 
 
 def save_program(program: dspy.Module, path: Path) -> None:
@@ -176,7 +195,7 @@ def library_versions() -> dict[str, str]:
 def build_manifest(params: dict[str, Any], history: list[StageRecord], best_index: int, policy: Any) -> dict[str, Any]:
     last = history[-1]
     return _jsonable({
-        "format": "cotune-bundle/1",
+        "format": BUNDLE_FORMAT,
         "base_model": str(policy.base_path),
         "base_fingerprint": policy.base_fingerprint,
         "lora": asdict(policy.lora),
@@ -218,33 +237,69 @@ def read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not root.exists():
         raise LoadError(f"{str(root)!r} does not exist")
     for candidate in (root, root / "best"):
-        if (candidate / MANIFEST).exists():
-            return candidate, json.loads((candidate / MANIFEST).read_text())
+        if (candidate / MANIFEST).is_file():
+            manifest = read_json(candidate / MANIFEST, hint="export the bundle again from its run")
+            if not isinstance(manifest, dict) or "base_model" not in manifest:
+                raise CorruptRunError(f"{str(candidate / MANIFEST)!r} is not a cotune manifest (no base_model)",
+                                      path=candidate / MANIFEST)
+            return candidate, manifest
     raise LoadError(f"{str(root)!r} holds no {MANIFEST}: not a cotune bundle or finished run "
                     "(an interrupted run can be continued with optimize(..., resume=True))")
 
 
-def _program_from_class(path: str | None) -> dspy.Module:
-    if not path or ":" not in path:
-        raise LoadError("the manifest does not name an importable program class; pass program=YourProgram()")
-    module, _, qualname = path.partition(":")
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding a cotune bundle's manifest (what ``overwrite=True`` may replace)."""
     try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        return obj()
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT
+
+
+ProgramClasses = Sequence[type] | Mapping[str, type]
+
+
+def _program_for(manifest: dict[str, Any], program: dspy.Module | None, allowed_classes: ProgramClasses | None
+                 ) -> dspy.Module:
+    """The module to load the bundle's state into: a copy of ``program``, or an allowed class built without
+    arguments. Nothing named by the bundle is ever imported: a bundle is data, and a module shipped beside it
+    (or a ``program_class`` such as ``"os:abort"``) must not run."""
+    if program is not None:
+        return copy.deepcopy(program)
+    named = manifest.get("program_class")
+    if allowed_classes is None:
+        raise LoadError(f"the bundle names its program class {named!r}, but load() never imports code a bundle "
+                        "names; pass program=YourProgram(...) (an instance of that class) or "
+                        "allowed_classes=[YourProgram]")
+    if isinstance(allowed_classes, Mapping):
+        candidates = dict(allowed_classes)
+    else:
+        candidates = {f"{cls.__module__}:{cls.__qualname__}": cls for cls in allowed_classes}
+    cls = candidates.get(named) if isinstance(named, str) else None
+    if cls is None:
+        raise LoadError(f"the bundle's program class {named!r} is not among allowed_classes {sorted(candidates)}; "
+                        "pass program=YourProgram(...) or add the class to allowed_classes")
+    try:
+        return cls()
     except Exception as exc:  # noqa: BLE001 - any failure means: the user must build the program
-        raise LoadError(f"cannot rebuild program {path!r} without arguments ({exc}); pass program=YourProgram()") from exc
+        raise LoadError(f"cannot build {named!r} without arguments ({type(exc).__name__}: {exc}); pass "
+                        "program=YourProgram(...)") from exc
 
 
-def load(path: str | os.PathLike, *, program: dspy.Module | None = None, base_model: str | os.PathLike | None = None,
+def load(path: str | os.PathLike, *, program: dspy.Module | None = None,
+         allowed_classes: ProgramClasses | None = None, base_model: str | os.PathLike | None = None,
          temperature: float = 0.0, max_tokens: int | None = None, **policy_kwargs: Any) -> dspy.Module:
     """A runnable program from a bundle or run folder: base model + adapter + optimized prompts.
 
+    A bundle is data: ``load`` never imports or calls code that the bundle names (its manifest's
+    ``program_class``). The program comes from you.
+
     Args:
         path: a bundle written by :meth:`OptimizeResult.save` / ``cotune export``, or a run's ``output_dir``.
-        program: an instance of the program's class (its state is loaded into a copy); needed unless the class
-            can be built without arguments.
+        program: an instance of the program's class (its state is loaded into a copy).
+        allowed_classes: instead of ``program``, classes you trust to be built without arguments, as a list
+            (matched by ``module:qualname`` against the manifest's ``program_class``) or a dict
+            ``{"module:qualname": cls}``.
         base_model: the base model folder, when it moved since the run (the fingerprint is checked).
         temperature, max_tokens: settings of the LM bound to the program's predictors.
         policy_kwargs: passed to :meth:`rl.Policy.from_pretrained` (device, dtype, ...).
@@ -252,21 +307,32 @@ def load(path: str | os.PathLike, *, program: dspy.Module | None = None, base_mo
     Returns:
         The program with every predictor bound to the policy LM (``program.policy`` holds the policy).
 
+    Raises:
+        LoadError: not a bundle; neither ``program`` nor a matching ``allowed_classes`` entry; another base model.
+        CorruptRunError: ``manifest.json`` or ``program.json`` is damaged (the file is named).
+
     Example:
         >>> from optimizers import load                                                   # doctest: +SKIP
+        >>> from programs.tasks import last_digit
         >>> program = load("runs/quickstart/best", program=last_digit.predict_program())  # doctest: +SKIP
-        >>> program(number="120344").answer                                               # doctest: +SKIP
+        >>> program(question="What is the last digit of 120344?").answer                  # doctest: +SKIP
+        '4'
     """
     from rl.policy import Policy
 
     bundle, manifest = read_manifest(path)
+    module = _program_for(manifest, program, allowed_classes)
+    state = read_json(bundle / PROGRAM, hint="export the bundle again from its run")
     base = Path(base_model) if base_model is not None else Path(manifest["base_model"])
     policy = Policy.from_pretrained(base, adapter=bundle / ADAPTER, **policy_kwargs)
     if policy.base_fingerprint != manifest.get("base_fingerprint"):
         raise LoadError(f"base model {str(base)!r} is not the one the adapter was trained on "
                         f"(fingerprint {policy.base_fingerprint[:12]} != {str(manifest.get('base_fingerprint'))[:12]})")
-    module = copy.deepcopy(program) if program is not None else _program_from_class(manifest.get("program_class"))
-    module.load(str(bundle / PROGRAM))
+    try:
+        module.load_state(state)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LoadError(f"{str(bundle / PROGRAM)!r} does not fit the program passed ({type(exc).__name__}: {exc}); "
+                        f"the bundle was saved from {manifest.get('program_class')!r}") from exc
     lm_kwargs: dict[str, Any] = {"temperature": temperature, "cache": False}
     if max_tokens is not None:
         lm_kwargs["max_tokens"] = max_tokens
@@ -275,19 +341,44 @@ def load(path: str | os.PathLike, *, program: dspy.Module | None = None, base_mo
     return module
 
 
+def _check_target(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
+    """Refuse a bundle target that is a file, a non-empty folder (without ``overwrite``), or, with ``overwrite``,
+    anything but a cotune bundle outside the source: never the source run, a folder inside it or one holding it."""
+    if out.exists() and not out.is_dir():
+        raise ExportTargetError(f"{str(out)!r} is a file; the bundle is a folder: choose a folder path")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ExportTargetError(f"{str(out)!r} is not empty; pass overwrite=True (--overwrite) to replace it "
+                                "(only a cotune bundle is replaced)")
+    target = out.resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise ExportTargetError(f"{str(out)!r} is the source {str(source)!r}, inside it or holds it; "
+                                    "overwrite=True never replaces the source: choose another folder")
+    if not is_bundle(out):
+        raise ExportTargetError(f"{str(out)!r} is not a cotune bundle (no {MANIFEST} of ours); overwrite=True "
+                                "replaces only a bundle: choose an empty or new folder")
+
+
 def export(path: str | os.PathLike, out: str | os.PathLike, *, merged: bool = False, overwrite: bool = False) -> Path:
     """Write a stand-alone bundle from a run or bundle; ``merged=True`` adds the adapter merged into full weights.
 
     The merged folder is a plain HF model (safetensors + tokenizer) that needs neither peft nor cotune.
+
+    Raises:
+        ExportTargetError: ``out`` is a file; or it is a non-empty folder and ``overwrite`` is not set; or, with
+            ``overwrite``, it is not a cotune bundle, or it is the source (run or bundle), inside it or holds it.
+        LoadError: ``path`` is not a bundle or run (:class:`CorruptRunError` when its manifest is damaged).
     """
     bundle, manifest = read_manifest(path)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True (--overwrite) to replace it")
+    _check_target(out, sources=[Path(path), bundle], overwrite=overwrite)
     with atomic_dir(out) as tmp:
         shutil.copytree(bundle / ADAPTER, tmp / ADAPTER)
         shutil.copy2(bundle / PROGRAM, tmp / PROGRAM)
-        write_json(tmp / MANIFEST, {**manifest, "merged": "merged" if merged else None})
+        write_json(tmp / MANIFEST, {**manifest, "format": BUNDLE_FORMAT, "merged": "merged" if merged else None})
         if merged:
             _write_merged(Path(manifest["base_model"]), bundle / ADAPTER, tmp / "merged")
         (tmp / "README.md").write_text(_bundle_readme(manifest, merged))
