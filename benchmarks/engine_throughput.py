@@ -6,17 +6,21 @@
     through ``policy.lm()`` (DSPy formatting + parsing + our micro-batching included).
 
 Both generate greedily on the same model with at most ``--max-tokens`` new tokens; tokens are counted up
-to and including EOS. Rounds alternate a/b to share the machine's noise. The last line is the ratio
-(b)/(a) of tokens per second (target >= 0.7).
+to and including EOS. Rounds alternate a/b (b/a every other round) after a warm-up, to share the machine's
+noise. Printed per side: the work of a round (rows, prompt tokens, tokens generated: greedy on both sides, so
+they should agree up to padding-dependent rounding) and tokens/s as median [min..max] over the rounds; the last
+line is the ratio (b)/(a) of the median tokens per second (target >= 0.7) and its range over the rounds.
 
-    python benchmarks/engine_throughput.py [--n 64] [--batch 8] [--max-tokens 32] [--rounds 3]
+    python benchmarks/engine_throughput.py [--n 64] [--batch 8] [--max-tokens 32] [--rounds 9] [--model DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
+from collections import Counter
 
 import dspy
 import torch
@@ -24,10 +28,10 @@ from transformers import GenerationConfig
 
 from programs.embedded import tiny_policy
 from programs.tasks import last_digit
-from rl import recording
+from rl import Policy, recording
 
 
-def raw_generate(policy, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[int, float]:
+def raw_generate(policy, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[dict[str, int], float]:
     tok = policy.tokenizer
     eos = set(policy.eos_token_ids)
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=policy.eos_token_ids,
@@ -47,10 +51,11 @@ def raw_generate(policy, prompts: list[list[int]], batch: int, max_tokens: int) 
         for row in out[:, width:].tolist():
             cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
             tokens += cut
-    return tokens, time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    return {"rows": len(prompts), "prompt_tokens": sum(map(len, prompts)), "tokens_generated": tokens}, elapsed
 
 
-def engine_generate(policy, questions, batch: int, max_tokens: int) -> tuple[int, float]:
+def engine_generate(policy, questions, batch: int, max_tokens: int) -> tuple[dict[str, int], float]:
     devset = [dspy.Example(question=q).with_inputs("question") for q in questions]
     program = last_digit.predict_program()
     lm = policy.lm(temperature=0.0, max_tokens=max_tokens, cache=False)
@@ -59,7 +64,8 @@ def engine_generate(policy, questions, batch: int, max_tokens: int) -> tuple[int
         dspy.Evaluate(devset=devset, num_threads=batch, display_progress=False, max_errors=len(devset) + 1,
                       provide_traceback=False)(program, metric=lambda *a: 0.0)
     elapsed = time.perf_counter() - start
-    return sum(len(c.completion_ids) for c in calls), elapsed
+    return {"rows": len(calls), "prompt_tokens": sum(len(c.prompt_ids) for c in calls),
+            "tokens_generated": sum(len(c.completion_ids) for c in calls)}, elapsed
 
 
 def main() -> None:
@@ -67,10 +73,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--model", help="base model folder (default: the embedded tiny model)")
     args = parser.parse_args()
+    logging.getLogger("dspy.evaluate.evaluate").setLevel(logging.WARNING)  # one line per Evaluate call otherwise
 
-    policy = tiny_policy()
+    policy = Policy.from_pretrained(args.model, name="bench") if args.model else tiny_policy()
     questions = [ex.question for ex in last_digit.load("test", args.n)]
     adapter = dspy.ChatAdapter()
     signature = last_digit.predict_program().signature
@@ -78,19 +86,27 @@ def main() -> None:
 
     raw_generate(policy, prompts[: args.batch], args.batch, args.max_tokens)  # warm-up
     engine_generate(policy, questions[: args.batch], args.batch, args.max_tokens)
-    raw_rates, engine_rates = [], []
+    sides = {"raw": lambda: raw_generate(policy, prompts, args.batch, args.max_tokens),
+             "engine": lambda: engine_generate(policy, questions, args.batch, args.max_tokens)}
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    work: dict[str, Counter] = {name: Counter() for name in sides}
     for r in range(args.rounds):
-        tokens_a, secs_a = raw_generate(policy, prompts, args.batch, args.max_tokens)
-        tokens_b, secs_b = engine_generate(policy, questions, args.batch, args.max_tokens)
-        raw_rates.append(tokens_a / secs_a)
-        engine_rates.append(tokens_b / secs_b)
-        print(f"round {r}: raw {tokens_a} tok in {secs_a:.2f}s = {raw_rates[-1]:.0f} tok/s | "
-              f"engine {tokens_b} tok in {secs_b:.2f}s = {engine_rates[-1]:.0f} tok/s")
-    a, b = statistics.median(raw_rates), statistics.median(engine_rates)
+        for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+            done, seconds = sides[name]()
+            rates[name].append(done["tokens_generated"] / seconds)
+            work[name].update(done)
+        print(f"round {r}: " + " | ".join(f"{name} {rates[name][-1]:.0f} tok/s" for name in sides))
     print(f"n={args.n} batch/threads={args.batch} max_tokens={args.max_tokens} mean engine batch="
-          f"{policy.engine.stats()['mean_batch']:.1f}")
-    print(f"(a) raw generate: {a:.0f} tok/s  (b) engine via dspy.Evaluate: {b:.0f} tok/s")
-    print(f"ratio (b)/(a) = {b / a:.2f}")
+          f"{policy.engine.stats()['mean_batch']:.1f}, {args.rounds} rounds (+ warm-up), order a/b then b/a")
+    labels = {"raw": "(a) raw generate", "engine": "(b) engine via dspy.Evaluate"}
+    for name, label in labels.items():
+        w, values = {k: v / args.rounds for k, v in work[name].items()}, rates[name]
+        print(f"{label:<30} work per round: {w['rows']:.0f} rows, {w['prompt_tokens']:.0f} prompt tok, "
+              f"{w['tokens_generated']:.0f} tok generated | {statistics.median(values):.0f} tok/s "
+              f"[{min(values):.0f}..{max(values):.0f}]")
+    per_round = [b / a for a, b in zip(rates["raw"], rates["engine"])]
+    ratio = statistics.median(rates["engine"]) / statistics.median(rates["raw"])
+    print(f"ratio (b)/(a) = {ratio:.2f}   (per round: {', '.join(f'{x:.2f}' for x in per_round)})")
 
 
 if __name__ == "__main__":

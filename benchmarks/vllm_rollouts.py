@@ -9,8 +9,10 @@
 (d) for context, the same rollouts on the in-process engine (``model.generate`` micro-batches; ``--no-local`` skips).
 
 All sample at temperature 1 with at most ``--max-tokens`` new tokens, from the same adapter; tokens are the
-completion tokens including EOS. Rounds alternate a/b/c to share the machine's noise. The last line is the
-ratio (c)/(a) of tokens per second.
+completion tokens including EOS. Rounds alternate a/b/c(/d) (the order reversed every other round) after a warm-up,
+to share the machine's noise. Printed per side: the work of a round (rows, prompt tokens, tokens generated: each
+side samples its own completions, so the generated counts differ a little) and tokens/s as median [min..max] over
+the rounds; the last line is the ratio (c)/(a) of the median tokens per second and its range over the rounds.
 
     python benchmarks/vllm_rollouts.py [--examples 16] [--generations 8] [--max-tokens 24] [--rounds 3]
     python benchmarks/vllm_rollouts.py --model /models/Qwen2.5-0.5B-Instruct --url http://127.0.0.1:8000  # GPU
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
@@ -29,37 +32,42 @@ from programs.tasks import last_digit
 from rl import Policy, VLLMServer, recording, run_rollouts
 from rl.vllm_server import find_vllm_python, install_vllm_venv
 
+Work = dict[str, int]  # rows, prompt_tokens, tokens_generated of one round
 
-def plain_batch(server: VLLMServer, adapter: str, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
+
+def plain_batch(server: VLLMServer, adapter: str, prompts: list[list[int]], max_tokens: int) -> tuple[Work, float]:
     start = time.perf_counter()
     body = server.completions({"model": adapter, "prompt": prompts, "max_tokens": max_tokens, "temperature": 1.0,
                                "seed": 0, "return_token_ids": True})
     elapsed = time.perf_counter() - start
-    return sum(len(c["token_ids"]) for c in body["choices"]), elapsed
+    return {"rows": len(body["choices"]), "prompt_tokens": sum(map(len, prompts)),
+            "tokens_generated": sum(len(c["token_ids"]) for c in body["choices"])}, elapsed
 
 
 def plain_chat(server: VLLMServer, adapter: str, messages: list[list[dict]], max_tokens: int, threads: int
-               ) -> tuple[int, float]:
+               ) -> tuple[Work, float]:
     def one(job):
         i, msgs = job
         body = server.chat({"model": adapter, "messages": msgs, "max_tokens": max_tokens, "temperature": 1.0,
                             "seed": i, "return_token_ids": True})
-        return len(body["choices"][0]["token_ids"])
+        prompt = body.get("usage", {}).get("prompt_tokens") or len(body.get("prompt_token_ids") or ())
+        return Counter(rows=1, prompt_tokens=prompt, tokens_generated=len(body["choices"][0]["token_ids"]))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        tokens = sum(pool.map(one, enumerate(messages)))
-    return tokens, time.perf_counter() - start
+        work = sum(pool.map(one, enumerate(messages)), Counter())
+    return dict(work), time.perf_counter() - start
 
 
-def rollouts(policy: Policy, examples, generations: int, max_tokens: int, threads: int) -> tuple[int, float]:
+def rollouts(policy: Policy, examples, generations: int, max_tokens: int, threads: int) -> tuple[Work, float]:
     lm = policy.lm(temperature=1.0, max_tokens=max_tokens, cache=False)
     start = time.perf_counter()
     with recording() as calls:
         run_rollouts(last_digit.predict_program(), examples, lm, last_digit.correct, generations,
                      num_threads=threads, tag="bench")
     elapsed = time.perf_counter() - start
-    return sum(len(c.completion_ids) for c in calls), elapsed
+    return {"rows": len(calls), "prompt_tokens": sum(len(c.prompt_ids) for c in calls),
+            "tokens_generated": sum(len(c.completion_ids) for c in calls)}, elapsed
 
 
 def main() -> None:
@@ -105,22 +113,29 @@ def main() -> None:
             runs["local"] = lambda: rollouts(local, examples, args.generations, args.max_tokens, threads)
             rollouts(local, examples[:1], 2, args.max_tokens, threads)
         rates: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.rounds):
-            for name, run in runs.items():
-                tokens, seconds = run()
-                rates[name].append(tokens / seconds)
+        work: dict[str, Counter] = {name: Counter() for name in runs}
+        for r in range(args.rounds):
+            for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+                done, seconds = runs[name]()
+                rates[name].append(done["tokens_generated"] / seconds)
+                work[name].update(done)
         print(f"{len(prompts)} completions per round ({args.examples} examples x {args.generations}), "
-              f"max {args.max_tokens} new tokens, T=1, {threads} threads, {args.rounds} rounds, server {server.url}")
+              f"max {args.max_tokens} new tokens, T=1, {threads} threads, {args.rounds} rounds (+ warm-up, order "
+              f"reversed every other round), server {server.url}")
         labels = {"plain": "(a) plain vLLM, one batched /v1/completions",
                   "chat": "(b) plain vLLM, concurrent /v1/chat/completions",
                   "rollouts": "(c) cotune rollouts via VLLMEngine (DSPy + trace)",
                   "local": "(d) cotune rollouts, in-process engine (context)"}
         for name in rates:
-            label = labels[name]
-            print(f"{label:<52} {statistics.median(rates[name]):9.1f} tok/s  (rounds: "
-                  + ", ".join(f"{r:.0f}" for r in rates[name]) + ")")
-        print(f"ratio rollouts/plain (c)/(a): {statistics.median(rates['rollouts']) / statistics.median(rates['plain']):.2f}"
-              f"   (c)/(b): {statistics.median(rates['rollouts']) / statistics.median(rates['chat']):.2f}")
+            w, values = {k: v / args.rounds for k, v in work[name].items()}, rates[name]
+            print(f"{labels[name]:<52} work per round: {w['rows']:.0f} rows, {w['prompt_tokens']:.0f} prompt tok, "
+                  f"{w['tokens_generated']:.0f} tok generated | {statistics.median(values):7.1f} tok/s "
+                  f"[{min(values):.0f}..{max(values):.0f}]")
+        for other, tag in (("plain", "(a)"), ("chat", "(b)")):
+            per_round = [c / o for c, o in zip(rates["rollouts"], rates[other])]
+            ratio = statistics.median(rates["rollouts"]) / statistics.median(rates[other])
+            print(f"ratio rollouts/{other} (c)/{tag} = {ratio:.2f}   "
+                  f"(per round: {', '.join(f'{x:.2f}' for x in per_round)})")
     finally:
         policy.close()
         server.close()
