@@ -14,7 +14,7 @@ to share the machine's noise. Printed per side: the work of a round (rows, promp
 side samples its own completions, so the generated counts differ a little) and tokens/s as median [min..max] over
 the rounds; the last line is the ratio (c)/(a) of the median tokens per second and its range over the rounds.
 
-    python benchmarks/vllm_rollouts.py [--examples 16] [--generations 8] [--max-tokens 24] [--rounds 3]
+    python benchmarks/vllm_rollouts.py [--examples 16] [--generations 8] [--max-tokens 24] [--rounds 5]
     python benchmarks/vllm_rollouts.py --model /models/Qwen2.5-0.5B-Instruct --url http://127.0.0.1:8000  # GPU
 """
 
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-local", action="store_true", help="skip (d), the in-process engine")
     args = parser.parse_args()
 
