@@ -39,11 +39,13 @@ Note: YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); numeric strings
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import importlib.machinery
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,43 @@ class Arm:
 
     name: str
     schedule: str
+
+    @property
+    def folder(self) -> str:
+        """The arm's folder under the experiment's ``output_dir`` (see :func:`arm_folder`)."""
+        return arm_folder(self.name)
+
+
+RESERVED_FOLDERS = ("tune",)  # output_dir/tune/ holds `cotune tune`'s trials
+
+
+def arm_folder(name: str) -> str:
+    """The folder name of an arm: ``"p -> w"`` -> ``p-w``; other characters than letters, digits, ``-``, ``_``
+    and ``.`` become ``_``. The validator refuses arms whose folders would be unsafe or shared."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace(" -> ", "-"))
+
+
+def check_arm_folders(names: list[str]) -> list[tuple[int, str]]:
+    """Problems with the arms' folders, as (index of the arm, message): a folder name that is not a plain
+    child of ``output_dir`` (``..``, ``.``, a hidden name, too long, reserved), or two arms sharing one folder
+    (``"a/b"`` and ``"a b"`` are both ``a_b``; case-insensitive file systems merge ``A`` and ``a``)."""
+    problems: list[tuple[int, str]] = []
+    seen: dict[str, str] = {}
+    for i, name in enumerate(names):
+        folder = arm_folder(name)
+        if not folder or folder.startswith(".") or len(folder) > 100 or folder in RESERVED_FOLDERS:
+            why = ("is reserved for `cotune tune`'s trials" if folder in RESERVED_FOLDERS else
+                   "would be a hidden or parent folder" if folder.startswith(".") else
+                   "is too long (100 characters at most)" if folder else "is empty")
+            problems.append((i, f"arm name {name!r} cannot name a folder: {folder!r} {why}; rename the arm "
+                                f"(letters, digits, '-', '_', '.')"))
+        elif folder.lower() in seen:
+            problems.append((i, f"arm names {seen[folder.lower()]!r} and {name!r} would share the folder "
+                                f"{folder!r} (other characters than letters, digits, '-', '_' and '.' become "
+                                "'_', and case is ignored); rename one of them"))
+        else:
+            seen[folder.lower()] = name
+    return problems
 
 
 @dataclass(frozen=True)
@@ -207,6 +246,12 @@ def load_experiment(path: str | os.PathLike, *, check_task: bool = True) -> Expe
     except FileNotFoundError:
         raise ConfigError("no such experiment file (pass a path such as experiments/quickstart.yaml)",
                           source=source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"is not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at offset {exc.start}); an "
+                          "experiment file is YAML text, see experiments/quickstart.yaml", source=source) from None
+    except IsADirectoryError:
+        raise ConfigError("is a folder, not an experiment file (pass a path such as experiments/quickstart.yaml)",
+                          source=source) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file ({exc.strerror or exc})", source=source) from None
     return parse_experiment(text, source=source, check_task=check_task)
@@ -224,7 +269,10 @@ def parse_experiment(text: str, *, source: str = "<string>", check_task: bool = 
 
 def _compose(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
     """Python data and the line of every key path (duplicate keys are errors, not silently merged)."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # its reader already refuses control characters (a binary file)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not YAML text: {' '.join(str(exc).split())}", source=source) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -389,16 +437,133 @@ def _check_task(task: str | dict, program: str | None) -> None:
 
 
 def _import(spec: str, path: Path_) -> Any:
-    module, _, attr = spec.partition(":")
     try:
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
+        return import_metric(spec)
+    except ReferenceImportError as exc:
+        raise _Problem(path, str(exc)) from None
+
+
+# --- module:attr references: code execution, from installed packages only ------------------------------
+
+
+class ReferenceImportError(ValueError):
+    """A ``package.module:attr`` reference of an experiment file that cotune will not or cannot import."""
+
+
+def import_reference(spec: str) -> Any:
+    """The object ``package.module:attr`` names. Importing it is code execution, as ``import`` in a script is.
+
+    Why the limits: an experiment file is data that gets shared, and a reference imports and runs code. So:
+
+    * only importable, installed code is imported (site-packages, the project's editable install, and
+      ``$PYTHONPATH``): the current directory, which ``python -m`` and ``python script.py`` put first on
+      ``sys.path``, is taken off it while importing, so an ``evil.py`` (or a folder named like a package) lying
+      beside a downloaded experiment is never run by naming it; put your own module on ``PYTHONPATH`` or
+      ``pip install -e`` it to use it;
+    * the standard library is refused: nothing there is a metric, and ``os:system`` or ``builtins:exec``
+      would run whatever they are handed.
+
+    Raises:
+        ReferenceImportError: a malformed reference, a standard-library module, a module that exists only in
+            the current directory, an import error, or a missing attribute.
+    """
+    import sys
+
+    module, _, attr = spec.partition(":")
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module) or not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", attr):
+        raise ReferenceImportError(f"{spec!r} is not a reference of the form 'package.module:name'")
+    top = module.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        raise ReferenceImportError(f"{spec!r} is in the Python standard library, which holds no metrics and "
+                                   "whose functions (os:system, builtins:exec, ...) would run arbitrary commands; "
+                                   "name a function of your own installed package")
+    with _without_current_dir() as current:
+        spec_found = _find_top(top)
+        if spec_found is None:
+            here = importlib.machinery.PathFinder.find_spec(top, [current]) if current else None
+            hint = (f"; {top!r} is in the current directory {current}, which cotune never imports from (a file "
+                    "beside an experiment is not trusted code): install it (pip install -e) or add its folder to "
+                    "PYTHONPATH" if here is not None else "")
+            raise ReferenceImportError(f"cannot import {spec!r}: no module named {top!r} among the installed "
+                                       f"packages and PYTHONPATH{hint}")
+        loaded = sys.modules.get(top)
+        if loaded is not None and getattr(loaded, "__file__", None) and spec_found.origin \
+                and os.path.realpath(loaded.__file__) != os.path.realpath(spec_found.origin):
+            raise ReferenceImportError(f"cannot import {spec!r}: {top!r} was already imported from "
+                                       f"{loaded.__file__}, not from the installed packages ({spec_found.origin})")
+        try:
+            obj: Any = importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - a module that fails to import, whatever the reason
+            raise ReferenceImportError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        try:
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise _Problem(path, f"cannot import {spec!r}: {exc}") from None
-    if not callable(obj):
-        raise _Problem(path, f"{spec!r} is not callable (a metric, a Rubric or a function returning one)")
+        except AttributeError:
+            raise ReferenceImportError(f"cannot import {spec!r}: {module} has no attribute {part!r}") from None
     return obj
+
+
+def import_metric(spec: str) -> Any:
+    """A metric reference: a :class:`metrics.Rubric`, a metric ``(example, pred, trace=None)`` or a factory of
+    one taking no arguments (see :func:`import_reference` for what may be imported).
+
+    Raises:
+        ReferenceImportError: see :func:`import_reference`; or the object is no metric.
+    """
+    import inspect
+
+    obj = import_reference(spec)
+    from metrics import Rubric
+
+    if isinstance(obj, Rubric):
+        return obj
+    if not callable(obj):
+        raise ReferenceImportError(f"{spec!r} is not callable (a metric, a Rubric or a function returning one)")
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return obj
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    takes_two = len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+    if required and (len(required) > 3 or not takes_two):
+        raise ReferenceImportError(f"{spec!r} is not a metric: a metric takes (example, pred, trace=None), or "
+                                   f"nothing (a factory returning one); its parameters are {[p.name for p in params]}")
+    return obj
+
+
+def _find_top(top: str) -> Any:
+    """The import spec of top-level module ``top`` as the import system would find it now (sys.modules aside)."""
+    import sys
+
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        found = find(top, None)
+        if found is not None:
+            return found
+    return None
+
+
+@contextlib.contextmanager
+def _without_current_dir() -> Iterator[str | None]:
+    """Take the current directory off ``sys.path`` (unless ``$PYTHONPATH`` names it); yield it (``None``: absent)."""
+    import sys
+
+    cwd = os.path.realpath(os.getcwd())
+    explicit = {os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    removed = [(i, p) for i, p in enumerate(sys.path)
+               if (p == "" or os.path.realpath(p) == cwd) and cwd not in explicit]
+    for _, p in reversed(removed):
+        sys.path.remove(p)
+    importlib.invalidate_caches()
+    try:
+        yield cwd
+    finally:
+        for i, p in removed:
+            if p not in sys.path:
+                sys.path.insert(min(i, len(sys.path)), p)
 
 
 def _arms(value: Any) -> tuple[Arm, ...]:
@@ -429,6 +594,8 @@ def _arms(value: Any) -> tuple[Arm, ...]:
             arms = [Arm(name=a.schedule, schedule=a.schedule) for a in arms]
         if len({a.name for a in arms}) != len(arms):
             raise _Problem(("arms",), f"arm names must be unique, got {names}")
+    for i, message in check_arm_folders([a.name for a in arms]):
+        raise _Problem(items[i][2], message)
     return tuple(arms)
 
 
@@ -581,8 +748,35 @@ def _engine(data: dict) -> tuple[str, dict[str, Any]]:
     target = VLLMServer.start if engine == "vllm" else VLLMServer.attach
     allowed = tuple(n for n, p in inspect.signature(target).parameters.items()
                     if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("cls", "url", "model_path")))
-    _no_unknown(vllm, allowed + ("adapter_dir",), ("vllm",))
-    return engine, dict(vllm)
+    _no_unknown(vllm, allowed + ("adapter_dir",) + (("allow_custom_python",) if "python" in allowed else ()), ("vllm",))
+    vllm = dict(vllm)
+    allow_custom = vllm.pop("allow_custom_python", False)
+    if not isinstance(allow_custom, bool):
+        raise _Problem(("vllm", "allow_custom_python"), f"must be true or false, got {allow_custom!r}")
+    if "python" in vllm:
+        _check_vllm_python(vllm["python"], allow_custom)
+    elif allow_custom:
+        raise _Problem(("vllm", "allow_custom_python"), "is set but vllm.python is not; it allows a python other "
+                                                        "than the vLLM venv that scripts/vllm_venv.sh builds")
+    return engine, vllm
+
+
+def _check_vllm_python(python: Any, allow_custom: bool) -> None:
+    """``vllm.python`` is an executable cotune runs: the venv ``scripts/vllm_venv.sh`` builds, unless allowed."""
+    from rl.vllm_server import venv_dir
+
+    if not isinstance(python, str) or not python:
+        raise _Problem(("vllm", "python"), f"must be the path of a python executable, got {_kind(python)}")
+    if allow_custom:
+        return
+    expected = venv_dir() / "bin" / "python"
+    trusted = {os.path.abspath(expected)}
+    if os.environ.get("COTUNE_VLLM_PYTHON"):  # chosen in the environment, not in a shareable file
+        trusted.add(os.path.abspath(os.path.expanduser(os.environ["COTUNE_VLLM_PYTHON"])))
+    if os.path.abspath(os.path.expanduser(python)) not in trusted:
+        raise _Problem(("vllm", "python"), f"{python!r} is not the vLLM venv's python ({expected}, built by "
+                                           "scripts/vllm_venv.sh); cotune would run this executable, so another "
+                                           "one needs `allow_custom_python: true` beside it (or leave python out)")
 
 
 def _check_uri(uri: str, path: Path_) -> None:

@@ -69,7 +69,43 @@ def read_records(path: str | Path, format: str | None = None, cache_dir: str | P
         raise DataFileError(f"data file {path} not found (absolute: {path.resolve()}); cotune reads local files "
                             f"only and never downloads at run time")
     fmt = _format(path, format)
+    if path.stat().st_size == 0 or (fmt == "json" and not _head(path).strip()):
+        raise DataFileError(f"data file {path} is empty; it needs one example per line (JSON lines), a JSON array, "
+                            "a CSV header and rows, or a parquet table")
     return list(_read(str(path.resolve()), path.stat().st_mtime_ns, fmt, None if cache_dir is None else str(cache_dir)))
+
+
+def _head(path: Path, size: int = 4096) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON / JSON-lines file stops being what ``datasets`` reads (``datasets`` only says it failed)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        return f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); is this a binary file?"
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            return f"{path}: not valid JSON ({exc})"
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None) \
+            if isinstance(rows, list) else None
+        return None if bad is None else f"{path}: item {bad} of the JSON array is not an object"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            return f"{path}:{number}: not a JSON object ({exc}); JSON lines need one object per line"
+        if not isinstance(row, dict):
+            return f"{path}:{number}: a JSON line must be an object like {{\"question\": ...}}, got {type(row).__name__}"
+    return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -80,10 +116,17 @@ def _read(path: str, mtime_ns: int, fmt: str, cache_dir: str | None) -> tuple[di
     kwargs: dict[str, Any] = {"delimiter": "\t"} if fmt == "csv" and path.lower().endswith(".tsv") else {}
     bars_on = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
+    problem = _json_problem(Path(path)) if fmt == "json" else None  # our own message, with the line
+    if problem is not None:
+        raise DataFileError(f"could not read {problem}")
     try:
         data = datasets.load_dataset(fmt, data_files=path, split="train", cache_dir=cache_dir, **kwargs)
     except Exception as exc:  # noqa: BLE001 - arrow/json/csv parse errors have many types
-        raise DataFileError(f"could not read {path} as {fmt}: {type(exc).__name__}: {exc}") from exc
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:  # datasets wraps the parser's error
+            cause = cause.__cause__ or cause.__context__
+        detail = " ".join(f"{type(cause).__name__}: {cause}".split())[:500]
+        raise DataFileError(f"could not read {path} as {fmt}: {detail}") from exc
     finally:
         if bars_on:
             ds_logging.enable_progress_bar()

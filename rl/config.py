@@ -69,6 +69,15 @@ class WeightStageConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.micro_batch_size < 1 or self.num_iterations < 1:
             raise ValueError("micro_batch_size and num_iterations must be >= 1")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (save every K steps; 0: no checkpoints), "
+                             f"got {self.checkpoint_every}")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.epsilon < 0:
+            raise ValueError("warmup_steps, weight_decay and epsilon must be >= 0")
         modes = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none")
         if self.importance_sampling not in modes:
             raise ValueError(f"importance_sampling must be one of {modes}, got {self.importance_sampling!r}")
