@@ -1,5 +1,5 @@
 # cotune: two commands a newcomer needs (see README):
-#   make demo   - install everything into .venv, build the embedded tiny model, run the main job
+#   make demo   - install everything into .venv and run the main job on the shipped embedded tiny model
 #   make test   - install everything into .venv and run the whole test suite (fast + slow)
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,9 +19,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The quickstart comparison: prompt-only vs RL-only vs joint at equal budget, 3 seeds each, tracked in ./mlflow.db;
-# then the report read back from MLflow (reports/quickstart/). About 5 minutes once the tiny model is cached.
+# then the report read back from MLflow (reports/quickstart/). The tiny model ships in programs/models/.
 demo: install
-	$(VENV)/bin/cotune model build tiny --eval-size 200 --threads 1
 	$(VENV)/bin/cotune run experiments/quickstart.yaml
 	$(VENV)/bin/cotune compare experiments/quickstart.yaml
 
