@@ -7,6 +7,11 @@ questions of each step, the step-1 rollouts and the exact rows the update consum
 ranks bring different row counts whatever was sampled (the padding path). ``replay OUT MODEL``: one process, a fresh
 policy, one update on the union of the rows the ranks trained on at step 1: what DDP must have computed.
 ``vllm OUT MODEL URL``: two steps with every rank generating on one shared vLLM server (under DDP or ZeRO-3).
+
+ZeRO-3 (weights partitioned over the ranks): the in-process engine cannot generate there, so the rows are sampled
+first, in one process (``rows OUT MODEL``); ``zero3 OUT MODEL`` (every rank) trains ``ZERO3_STEPS`` updates on them,
+each rank on its own uneven share, and records the gathered gradient of the first update and the gathered adapter;
+``zero3-replay OUT MODEL`` makes the same updates in one process on all the rows.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 from programs.tasks import last_digit
-from rl import Policy, WeightStageConfig, distributed, train_weights
-from rl.advantages import Row
+from rl import Policy, WeightStageConfig, distributed, run_rollouts, train_weights
+from rl.advantages import Row, compute_advantages, predictor_namer
 from rl.grpo import GRPOUpdater
 from rl.policy import zero3_lora_params
 
@@ -29,6 +34,7 @@ from rl.policy import zero3_lora_params
 CONFIG = WeightStageConfig(num_generations=4, examples_per_step=3, max_tokens=16, learning_rate=1e-3,
                            micro_batch_size=2, max_rollouts=12 * 3, checkpoint_every=1, scale_rewards="batch")
 TRAIN_SIZE = 64
+ZERO3_STEPS = 2  # two updates: the second one runs on the partitioned optimizer state the first one left
 
 
 def _clean(value):
@@ -139,16 +145,20 @@ def vllm(out: Path, model_dir: str, url: str) -> None:
     (out / f"vllm-rank{rank}.json").write_text(json.dumps(record))
 
 
+def _rows(records: list) -> list[Row]:
+    """Rows back from their JSON form (``list(row.__dict__.values())``)."""
+    return [Row(tuple(prompt), tuple(completion), advantage, reward, tuple(group), truncated,
+                tuple(sampled) if sampled is not None else None)
+            for prompt, completion, advantage, reward, group, truncated, sampled in records]
+
+
 def replay(out: Path, model_dir: str) -> None:
     torch.set_num_threads(1)
     policy = Policy.from_pretrained(model_dir, name="ddp", device="cpu")
     save_file(policy.adapter_state(), str(out / "initial.safetensors"))
     rows = []
     for rank in (0, 1):
-        for prompt, completion, advantage, reward, group, truncated, sampled in json.loads(
-                (out / f"rank{rank}.json").read_text())["step1"]["rows"]:
-            rows.append(Row(tuple(prompt), tuple(completion), advantage, reward, tuple(group), truncated,
-                            tuple(sampled) if sampled is not None else None))
+        rows += _rows(json.loads((out / f"rank{rank}.json").read_text())["step1"]["rows"])
     _capture_first_gradient(out, "replay")
     updater = GRPOUpdater(policy, CONFIG, CONFIG.max_steps)
     metrics = updater.step(updater.to_batch(rows))
@@ -157,6 +167,84 @@ def replay(out: Path, model_dir: str) -> None:
     (out / "replay.json").write_text(json.dumps(_clean(metrics)))
 
 
+def sample_rows(out: Path, model_dir: str) -> None:
+    """One process: sample ``ZERO3_STEPS`` steps of rows (skipping a step whose groups all had zero variance)."""
+    torch.set_num_threads(1)
+    policy = Policy.from_pretrained(model_dir, name="ddp", device="cpu")
+    program, trainset = last_digit.predict_program(), last_digit.load("train", TRAIN_SIZE)
+    lm = policy.lm(temperature=CONFIG.temperature, max_tokens=CONFIG.max_tokens, cache=False)
+    steps: list[list] = []
+    for start in range(0, TRAIN_SIZE, CONFIG.examples_per_step):
+        batch = trainset[start : start + CONFIG.examples_per_step]
+        rollouts = run_rollouts(program, batch, lm, last_digit.correct, CONFIG.num_generations, num_threads=1,
+                                tag=("zero3", start))
+        step_rows, _ = compute_advantages(rollouts, predictor_namer(program), CONFIG.scale_rewards)
+        if len(step_rows) >= 3:  # enough rows for an uneven split with a row on each rank
+            steps.append([list(r.__dict__.values()) for r in step_rows])
+        if len(steps) == ZERO3_STEPS:
+            break
+    assert len(steps) == ZERO3_STEPS, "too few examples with a reward spread to train on"
+    (out / "zero3-rows.json").write_text(json.dumps(_clean(steps)))
+
+
+class _NoGeneration:
+    """The policy's engine under ZeRO-3 in this worker: nothing generates here (the rows were sampled beforehand,
+    by ``rows``). The updater requires an out-of-process engine under ZeRO-3, one that is told of every new adapter
+    version through ``sync()``; with no server to tell, that is a no-op."""
+
+    def sync(self) -> None:
+        pass
+
+
+def _share(rows: list[Row], rank: int) -> list[Row]:
+    """Rank 0 takes one row more than half, rank 1 the rest: uneven counts (the padding path), together all rows."""
+    cut = len(rows) // 2 + 1
+    return rows[:cut] if rank == 0 else rows[cut:]
+
+
+def zero3(out: Path, model_dir: str) -> None:
+    """Every rank, under DeepSpeed ZeRO-3: ``ZERO3_STEPS`` updates, each rank on its share of each step's rows."""
+    torch.set_num_threads(1)
+    rank = distributed.rank()
+    policy = Policy.from_pretrained(model_dir, name="ddp", device="cpu")
+    policy.engine = _NoGeneration()
+    if rank == 0:
+        save_file(policy.adapter_state(), str(out / "zero3-initial.safetensors"))  # before ZeRO-3 partitions it
+    steps = [_rows(step) for step in json.loads((out / "zero3-rows.json").read_text())]
+    _capture_first_gradient(out, f"zero3-rank{rank}")
+    updater = GRPOUpdater(policy, CONFIG, CONFIG.max_steps)
+    params = zero3_lora_params(policy.model)
+    held = sum(p.ds_tensor.numel() for p in params) / max(1, sum(p.ds_numel for p in params))
+    metrics = []
+    for step_rows in steps:
+        metrics.append(updater.step(updater.to_batch(_share(step_rows, rank))))
+        policy.bump_version()  # gathers the adapter (a collective), as the weight stage does after every update
+    updater.close()
+    save_file(policy.adapter_state(), str(out / f"zero3-rank{rank}-final.safetensors"))  # gathered: a collective
+    (out / f"zero3-rank{rank}.json").write_text(json.dumps(_clean({
+        "rank": rank, "world": distributed.world_size(), "zero_stage": updater.zero_stage,
+        "partitioned": len(params), "held": held, "rows": [len(_share(s, rank)) for s in steps],
+        "metrics": metrics})))
+
+
+def zero3_replay(out: Path, model_dir: str) -> None:
+    """One process, a fresh policy: the same updates on all of each step's rows."""
+    torch.set_num_threads(1)
+    policy = Policy.from_pretrained(model_dir, name="ddp", device="cpu")
+    save_file(policy.adapter_state(), str(out / "zero3-replay-initial.safetensors"))
+    steps = [_rows(step) for step in json.loads((out / "zero3-rows.json").read_text())]
+    _capture_first_gradient(out, "zero3-replay")
+    updater = GRPOUpdater(policy, CONFIG, CONFIG.max_steps)
+    metrics = []
+    for step_rows in steps:
+        metrics.append(updater.step(updater.to_batch(step_rows)))
+        policy.bump_version()
+    updater.close()
+    save_file(policy.adapter_state(), str(out / "zero3-replay-final.safetensors"))
+    (out / "zero3-replay.json").write_text(json.dumps(_clean({"metrics": metrics})))
+
+
 if __name__ == "__main__":
     mode, out_dir, model, *rest = sys.argv[1:]
-    {"train": train, "replay": replay, "vllm": vllm}[mode](Path(out_dir), model, *rest)
+    modes = {"train": train, "replay": replay, "vllm": vllm, "rows": sample_rows, "zero3": zero3, "zero3-replay": zero3_replay}
+    modes[mode](Path(out_dir), model, *rest)
