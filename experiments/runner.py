@@ -12,10 +12,14 @@ and its own folder ``<output_dir>/<arm>/seed-<k>``. DSPy's and the stages' chatt
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import inspect
+import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -23,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from experiments.config import Arm, ConfigError, Experiment
+from experiments.config import Arm, ConfigError, Experiment, ReferenceImportError, arm_folder, import_metric
 from experiments.tasks import resolve_task
 from experiments.tracking import KIND_TAG, MlflowTracking, check_tracking_uri, redact, resolve_tracking_uri
 from optimizers.callbacks import OptimizeCallback
+from optimizers.errors import OutputDirError
+from optimizers.run_folder import LOCK_FILE, RUN_FILE, RunLock
 from rl import distributed
 
 logger = logging.getLogger(__name__)
@@ -54,19 +60,22 @@ class RunOutcome:
 
 
 def resolve_metric(exp: Experiment, task: Any) -> Any:
-    """The metric the experiment optimizes: the task's rubric, its gold metric, or an imported one."""
+    """The metric the experiment optimizes: the task's rubric, its gold metric, or an imported one.
+
+    An imported metric (``metric: package.module:name``) is code the experiment file chooses to run; see
+    :func:`experiments.config.import_reference` for what may be imported (installed packages, not the current
+    directory, not the standard library).
+    """
     if exp.metric == "rubric":
         return task.rubric()
     if exp.metric == "gold":
         if task.gold_metric is None:
             raise ConfigError(f"metric: task {task.name!r} has no gold metric; use 'rubric'", source=exp.source)
         return task.gold_metric
-    import importlib
-
-    module, _, attr = exp.metric.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj = import_metric(exp.metric)
+    except ReferenceImportError as exc:
+        raise ConfigError(str(exc), source=exp.source, key="metric") from None
     from metrics import Rubric
 
     if isinstance(obj, Rubric):
@@ -173,7 +182,9 @@ def captured_output(path: Path | None) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     dspy_logger = logging.getLogger("dspy")
     level = dspy_logger.level
-    with open(path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    # appended to, never truncated: a resumed (or re-run) run keeps the log of its earlier attempts
+    with open(path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        print(f"===== cotune {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()}) =====", file=log, flush=True)
         handler = logging.StreamHandler(log)
         handler.setLevel(logging.INFO)
         root = logging.getLogger()
@@ -188,7 +199,7 @@ def captured_output(path: Path | None) -> Iterator[None]:
 
 def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | None = None,
             callbacks: Sequence[OptimizeCallback] = (), output_dir: str | Path | None = None, resume: bool = False,
-            verbose: bool = False, out: IO[str] | None = None) -> RunOutcome:
+            overwrite: bool = True, verbose: bool = False, out: IO[str] | None = None) -> RunOutcome:
     """One ``optimize()`` call: ``arm``'s schedule with ``seed`` on a fresh policy.
 
     Args:
@@ -197,9 +208,11 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
         seed: the run's seed (optimizers, sampling, LoRA init).
         tracker: an :class:`MlflowTracking` for this run (``None``: no tracking).
         callbacks: more callbacks, run after the tracker (e.g. Optuna's :class:`optimizers.tune.PruneOnStage`).
-        output_dir: the run folder (default ``<exp.runs_dir>/<arm>/seed-<seed>``); an earlier run there is replaced
-            unless ``resume``.
-        resume: continue an interrupted run in ``output_dir``.
+        output_dir: the run folder (default ``<exp.runs_dir>/<arm folder>/seed-<seed>``).
+        resume: continue the interrupted run in ``output_dir`` (``optimize()`` refuses one with other settings).
+        overwrite: when ``output_dir`` holds an earlier run (and not ``resume``), ``optimize()`` moves it aside to
+            a timestamped folder (it never deletes it); ``False``: refuse. ``cotune run`` decides per folder
+            (:func:`run_experiment`).
         verbose: show every progress bar and DSPy message instead of writing them to ``<output_dir>.log``.
         out: where progress lines go (default: stdout).
     """
@@ -215,12 +228,12 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
     metric = resolve_metric(exp, task)
     gold = task.gold_metric if exp.gold and exp.metric != "gold" else None
     distributed.on_main(model_path, exp, out)  # build the embedded model first (rank 0, progress on the console)
-    root = Path(output_dir) if output_dir is not None else exp.runs_dir / _slug(arm.name) / f"seed-{seed}"
+    root = Path(output_dir) if output_dir is not None else exp.runs_dir / arm.folder / f"seed-{seed}"
     max_tokens = int(exp.eval.get("max_tokens") or exp.weights.get("max_tokens", 128))
     threads = int(exp.eval.get("threads", 16))
     test = TestEvaluation(testset, metric, max_tokens, threads, gold)
     test.tracker = tracker
-    all_callbacks: list[OptimizeCallback] = [ProgressPrinter(out), test]
+    all_callbacks: list[OptimizeCallback] = [RecordSettings(exp, arm, seed), ProgressPrinter(out), test]
     if tracker is not None:
         all_callbacks.append(tracker)
     all_callbacks += list(callbacks)
@@ -231,8 +244,8 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
         result = optimize(
             program, trainset, valset, metric=metric, policy=policy, schedule=arm.schedule, prompt=exp.prompt,
             weights=exp.weights, self_training=exp.self_training, budget=exp.budget, seed=seed, output_dir=root,
-            resume=resume, overwrite=not resume, progress=verbose, callbacks=all_callbacks, gold_metric=gold,
-            eval_threads=threads, eval_max_tokens=max_tokens,
+            resume=resume, overwrite=overwrite and not resume, progress=verbose, callbacks=all_callbacks,
+            gold_metric=gold, eval_threads=threads, eval_max_tokens=max_tokens,
             tags={"task": task.name, "experiment": exp.name, "arm": arm.name})
     last = result.history[-1]
     return RunOutcome(arm=arm.name, schedule=arm.schedule, seed=seed, val_score=result.val_score,
@@ -242,66 +255,300 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
                       output_dir=root, stages=[(r.name, r.val_score) for r in result.history])
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace(" -> ", "-"))
+_slug = arm_folder  # the name `cotune tune` imports
 
 
-def _completed(root: Path) -> bool:
-    import json
+# --- what an existing run folder holds, and what `cotune run` does with it ------------------------------
 
+
+SETTINGS_FILE = "experiment.json"  # in each run folder: the experiment settings it was started with
+
+
+class RunFolderError(ValueError):
+    """A run folder (or the experiment's output_dir) that `cotune run` must not touch as asked: it holds a run and
+    neither ``--resume`` nor ``--overwrite`` was given, the run there has other settings, it is not a run folder,
+    or it cannot be written. The message names the folder and the choices."""
+
+
+def run_settings(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
+    """What one run of the experiment depends on; a resume needs them unchanged (names and paths aside)."""
+    return {"task": exp.task, "program": exp.program, "model": exp.model, "engine": exp.engine, "metric": exp.metric,
+            "gold": exp.gold, "data": exp.data, "schedule": arm.schedule, "seed": seed, "budget": exp.budget,
+            "prompt": exp.prompt, "weights": exp.weights, "self_training": exp.self_training, "lora": exp.lora,
+            "eval": exp.eval}
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RecordSettings(OptimizeCallback):
+    """Write the experiment settings of a run into its folder (``experiment.json``) once ``optimize()`` owns it.
+
+    Why a callback: ``optimize()`` refuses a non-empty folder without its own ``run.json``, so nothing may be
+    written before it has prepared (and locked) the folder; ``on_run_start`` comes right after.
+    """
+
+    def __init__(self, exp: Experiment, arm: Arm, seed: int) -> None:
+        self.settings = run_settings(exp, arm, seed)
+        self.header = {"experiment": exp.name, "source": exp.source, "arm": arm.name}
+
+    def on_run_start(self, run) -> None:
+        if run.output_dir is not None:
+            _write_json(Path(run.output_dir) / SETTINGS_FILE,
+                        {**self.header, "settings_hash": settings_hash(self.settings), "settings": self.settings})
+
+
+class MovedAsideNotice(OptimizeCallback):
+    """Say on the console where ``optimize(overwrite=True)`` moved the earlier run (``<folder>.old-<date>-<time>``)."""
+
+    def __init__(self, root: Path, out: IO[str]) -> None:
+        self.root, self.out = root, out
+        self.before = set(self._moved())
+
+    def _moved(self) -> list[Path]:
+        return sorted(self.root.parent.glob(f"{glob.escape(self.root.name)}.old-*"))
+
+    def on_run_start(self, run) -> None:
+        for path in self._moved():
+            if path not in self.before:
+                print(f"  moved the earlier run of {self.root} aside to {path} (nothing was deleted)", file=self.out,
+                      flush=True)
+
+
+@dataclass
+class FolderState:
+    """What a run folder holds: nothing yet (``status`` None) or a run with its status and recorded settings."""
+
+    root: Path
+    status: str | None = None
+    finished: tuple[int, ...] = ()
+    settings: dict[str, Any] | None = None
+    damaged: str = ""  # why run.json could not be read
+
+    def describe(self) -> str:
+        if self.damaged:
+            return f"a run whose {RUN_FILE} is damaged ({self.damaged})"
+        if self.status == "completed":
+            return "a completed run"
+        done = f", stages {list(self.finished)} finished" if self.finished else ""
+        return f"an interrupted run (status {self.status!r}{done})"
+
+
+def _not_a_run_file(name: str) -> bool:
+    return name == LOCK_FILE or name.startswith(".cotune-write-test-")
+
+
+def folder_state(root: Path) -> FolderState:
+    """Read what ``root`` holds.
+
+    Raises:
+        RunFolderError: ``root`` (or a parent) is a file, or a non-empty folder that is no run folder.
+        optimizers.RunLockedError: another process is running the run in ``root`` (its pid and host are named).
+    """
+    for parent in (root, *root.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunFolderError(f"{parent} is a file, so the run folder {root} cannot be created there; move "
+                                     "the file or set output_dir to another folder")
+            break
+    if not root.exists():
+        return FolderState(root)
+    children = [c.name for c in root.iterdir() if not _not_a_run_file(c.name)]
+    if not children:
+        return FolderState(root)
+    if RUN_FILE not in children:
+        raise RunFolderError(f"{root} is not empty and holds no cotune run (no {RUN_FILE}; it has "
+                             f"{sorted(children)[:5]}); cotune never writes into or moves such a folder: move its "
+                             "files or set output_dir to another folder")
+    with RunLock(root):  # refuse now, not after the runs before it, when another process runs this folder
+        pass
     try:
-        return json.loads((root / "run.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
+        state = _read_json(root / RUN_FILE)
+    except ValueError as exc:
+        return FolderState(root, status="damaged", damaged=str(exc))
+    try:
+        settings = _read_json(root / SETTINGS_FILE) if (root / SETTINGS_FILE).exists() else None
+    except ValueError:
+        settings = None  # as if not recorded: a resume then relies on optimize()'s own settings check
+    return FolderState(root, status=str(state.get("status")), finished=tuple(state.get("finished") or ()),
+                       settings=settings)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())  # OSError aside, every failure is a ValueError (JSON, UTF-8)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def decide(state: FolderState, settings: dict[str, Any], *, resume: bool, overwrite: bool) -> str:
+    """What `cotune run` does with one run folder: ``"new"``, ``"skip"`` (completed, same settings), ``"resume"``
+    (interrupted) or ``"overwrite"`` (``optimize()`` moves the old run aside, and it starts over).
+
+    Raises:
+        RunFolderError: the folder holds a run and neither flag allows touching it; or ``resume`` with a run of
+            other settings, a damaged ``run.json``, or a completed run whose settings were not recorded.
+    """
+    if state.status is None:
+        return "new"
+    if overwrite:
+        return "overwrite"
+    if not resume or state.damaged:
+        action = "skip it" if state.status == "completed" else "continue it"
+        resume_choice = "" if state.damaged else f"pass --resume to {action} (same settings only), or "
+        raise RunFolderError(f"{state.root} already holds {state.describe()}; cotune never replaces a run "
+                             f"implicitly: {resume_choice}pass --overwrite to move it aside to a timestamped folder "
+                             f"({state.root.name}.old-<date>-<time>) and start over")
+    if state.settings is None:
+        if state.status == "completed":
+            raise RunFolderError(f"{state.root} holds a completed run without a readable settings record "
+                                 f"({SETTINGS_FILE}: an older cotune, or removed), so --resume cannot tell whether it "
+                                 "ran with these settings; pass --overwrite to move it aside and run again")
+        return "resume"  # optimize() compares its own settings hash and refuses other settings
+    if state.settings.get("settings_hash") != settings_hash(settings):
+        changed = _changed(state.settings.get("settings") or {}, settings)
+        raise RunFolderError(f"{state.root} holds {state.describe()} with other settings ({changed}); --resume "
+                             "continues a run only with the settings it started with: restore them, or pass "
+                             "--overwrite to move the old run aside and start over with the new settings")
+    return "skip" if state.status == "completed" else "resume"
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    from experiments.tracking import flatten
+
+    a, b = flatten(json.loads(json.dumps(old, default=str))), flatten(json.loads(json.dumps(new, default=str)))
+    diffs = [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "") if diffs else \
+        "recorded differently"
+
+
+def check_output_dir(path: Path) -> None:
+    """``path`` is (or can become) a folder this process can write.
+
+    Raises:
+        RunFolderError: it, or the first existing parent, is a file; or it cannot be created or written.
+    """
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunFolderError(f"output_dir {path}: {parent} is a file, not a folder; set output_dir (in the "
+                                     "experiment file) to a folder")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise RunFolderError(f"cannot write to output_dir {path} ({exc.strerror or exc}); fix its permissions or "
+                             "set output_dir (in the experiment file) to a writable folder") from None
+
+
+def plan_runs(exp: Experiment, plan: Sequence[tuple[Arm, int]], *, resume: bool, overwrite: bool) -> list[str]:
+    """The decision (:func:`decide`) for every run of ``plan``, all checked before the first run starts.
+
+    Raises:
+        RunFolderError: the output_dir is unusable, or some folders cannot be handled as asked (every one of them
+            is named, with the choices).
+    """
+    check_output_dir(exp.runs_dir)
+    decisions, problems = [], []
+    for arm, seed in plan:
+        try:
+            state = folder_state(exp.runs_dir / arm.folder / f"seed-{seed}")
+            decisions.append(decide(state, run_settings(exp, arm, seed), resume=resume, overwrite=overwrite))
+        except (RunFolderError, OutputDirError) as exc:  # RunLockedError is an OutputDirError
+            problems.append(str(exc))
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise RunFolderError(problems[0] + more)
+    return decisions
+
+
+def _write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """Seeds to run: distinct integers >= 0 (``--seeds -1`` would name a folder ``seed--1``).
+
+    Raises:
+        ConfigError: a negative, non-integer or repeated seed.
+    """
+    out = list(seeds)
+    for s in out:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise ConfigError(f"a seed is an integer >= 0, got {s!r}", key="--seeds")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"seeds must be distinct, got {out}", key="--seeds")
+    return out
 
 
 def run_experiment(exp: Experiment, *, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-                   tracking_uri: str | None = None, track: bool = True, resume: bool = False, verbose: bool = False,
-                   out: IO[str] | None = None) -> list[RunOutcome]:
+                   tracking_uri: str | None = None, track: bool = True, resume: bool = False, overwrite: bool = False,
+                   verbose: bool = False, out: IO[str] | None = None) -> list[RunOutcome]:
     """Every selected arm x seed, one after the other; returns the outcomes in order.
+
+    What happens to a run folder that already holds a run is decided for every folder before the first run
+    starts (:func:`decide`): nothing is ever deleted. Without a flag such a folder is refused; ``resume``
+    skips a completed run and continues an interrupted one, when its settings are unchanged (else refused);
+    ``overwrite`` moves the old run aside to a timestamped folder and starts over.
 
     Args:
         exp: the validated experiment.
         arms, seeds: subsets to run (default: all of the file's).
         tracking_uri: overrides the file's ``tracking.uri`` (then ``$MLFLOW_TRACKING_URI``, then ``./mlflow.db``).
         track: log to MLflow (checked to be reachable before the first run starts).
-        resume: skip runs already completed in their folder and continue interrupted ones.
+        resume: skip runs already completed in their folder and continue interrupted ones (same settings).
+        overwrite: move earlier runs aside (``<folder>.<timestamp>``-style, by ``optimize()``) and run again.
         verbose: show the stages' own progress bars and DSPy output.
         out: where progress goes (default stdout).
 
     Raises:
-        ConfigError: an arm or seed that the file does not have.
+        ConfigError: an arm or seed that cannot be run; ``resume`` together with ``overwrite``.
+        RunFolderError: a run folder that cannot be handled as asked (nothing has run yet).
         experiments.tracking.TrackingError: the tracking store cannot be used (nothing has run yet).
     """
     out = out or sys.stdout
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: resume continues the runs in place, "
+                          "overwrite moves them aside and starts over")
     if not distributed.is_main_process():  # under accelerate launch: rank 0 tracks and reports, the others train
         out, track = open(os.devnull, "w"), False  # noqa: SIM115 - lives as long as the process
     selected = [exp.arm(a) for a in arms] if arms else list(exp.arms)
-    run_seeds = list(seeds) if seeds else list(exp.seeds)
+    run_seeds = check_seeds(seeds) if seeds else list(exp.seeds)
     uri = resolve_tracking_uri(tracking_uri, exp.tracking_uri) if track else None
     if uri is not None:
         check_tracking_uri(uri)
-    batch = uuid.uuid4().hex[:12]
     plan = [(arm, seed) for arm in selected for seed in run_seeds]
+    decisions = distributed.on_main(plan_runs, exp, plan, resume=resume, overwrite=overwrite)
+    batch = uuid.uuid4().hex[:12]
     print(f"[cotune] {exp.name}: {len(plan)} runs ({len(selected)} arms x {len(run_seeds)} seeds), budget "
           f"{exp.budget} rollouts each" + (f"; tracking: {redact(uri)}" if uri else "; tracking off"), file=out, flush=True)
     outcomes: list[RunOutcome] = []
     started = time.perf_counter()
-    for i, (arm, seed) in enumerate(plan, 1):
-        root = exp.runs_dir / _slug(arm.name) / f"seed-{seed}"
-        if resume and distributed.on_main(_completed, root):
-            print(f"[cotune] run {i}/{len(plan)}: {arm.name} seed {seed} already completed in {root}; skipped",
-                  file=out, flush=True)
+    for i, ((arm, seed), decision) in enumerate(zip(plan, decisions, strict=True), 1):
+        root = exp.runs_dir / arm.folder / f"seed-{seed}"
+        if decision == "skip":
+            print(f"[cotune] run {i}/{len(plan)}: {arm.name} seed {seed} already completed in {root} with these "
+                  "settings; skipped", file=out, flush=True)
             continue
-        print(f"[cotune] run {i}/{len(plan)}: arm {arm.name} ({arm.schedule}), seed {seed}", file=out, flush=True)
+        what = {"resume": "resuming ", "overwrite": "starting over: "}.get(decision, "")
+        print(f"[cotune] run {i}/{len(plan)}: {what}arm {arm.name} ({arm.schedule}), seed {seed}", file=out,
+              flush=True)
         tracker = None
         if uri is not None:
             tracker = MlflowTracking(uri, exp.mlflow_experiment, log_artifacts=exp.log_artifacts,
                                      tags={KIND_TAG: "run", "cotune.batch": batch, "experiment": exp.name},
-                                     run_name=f"{arm.name}-seed{seed}")
-        exists = distributed.on_main(root.exists)
-        outcome = run_one(exp, arm, seed, tracker=tracker, output_dir=root, resume=resume and exists,
-                          verbose=verbose, out=out)
+                                     run_name=f"{arm.name}-seed{seed}", resume=decision == "resume")
+        notices = [MovedAsideNotice(root, out)] if decision == "overwrite" else []
+        outcome = run_one(exp, arm, seed, tracker=tracker, callbacks=notices, output_dir=root,
+                          resume=decision == "resume", overwrite=decision == "overwrite", verbose=verbose, out=out)
         outcomes.append(outcome)
         test = f", test {outcome.test_score:.3f}" if outcome.test_score is not None else ""
         print(f"[cotune] run {i}/{len(plan)} done: val {outcome.val_score:.3f}{test} | {outcome.rollouts} rollouts | "

@@ -21,6 +21,13 @@ A crash marks the open runs FAILED (Ctrl-C: KILLED; an Optuna prune: KILLED with
 and keeps everything logged so far. A logging failure after the run started is a warning, never the end of a
 training run.
 
+A process killed outright (kill -9, a lost machine) cannot close its runs: they stay RUNNING. So every run carries
+tags ``cotune.host``, ``cotune.pid`` and ``cotune.run_dir``, and the run ids are kept in the run folder
+(``mlflow.json``). A resume (``resume=True``) continues the same parent and stage runs instead of opening new ones
+beside them, and marks FAILED any other run of its folder still RUNNING (``optimize()`` holds the folder's lock, so
+no live process owns them). :func:`close_abandoned_runs` (called by ``cotune compare``) marks FAILED the RUNNING runs
+whose process, on this host, is gone.
+
 Example:
     >>> from experiments.tracking import MlflowTracking                              # doctest: +SKIP
     >>> tracking = MlflowTracking("sqlite:///mlflow.db", "quickstart", tags={"task": "x"})  # doctest: +SKIP
@@ -30,10 +37,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import re
+import socket
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +61,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_DB = "mlflow.db"
 KIND_TAG = "cotune.kind"  # "run" (cotune run), "trial" (cotune tune), "study" (a tuning study's parent run)
 OUTCOME_TAG = "cotune.outcome"  # completed / failed / killed / pruned
+HOST_TAG, PID_TAG, RUN_DIR_TAG = "cotune.host", "cotune.pid", "cotune.run_dir"  # who owns a RUNNING run
+RUN_IDS_FILE = "mlflow.json"  # in the run folder: the parent and stage run ids, for a resume
 MAX_PARAM_CHARS = 6000
 
 
@@ -84,6 +96,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             try:
                 with urllib.request.urlopen(base + path, timeout=timeout) as response:
                     if response.status == 200:
+                        _check_credentials(uri)
                         return
             except urllib.error.HTTPError as exc:
                 if exc.code in (401, 403):
@@ -115,6 +128,20 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TrackingError(f"cannot use tracking store {redact(uri)}: {first}") from None
+
+
+def _check_credentials(uri: str) -> None:
+    """The server answers: check that it lets this client in (``/health`` needs no login on an auth server)."""
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - only an auth refusal is worth its own message here
+        text = str(exc)
+        if "401" in text or "403" in text or "UNAUTHENTICATED" in text or "PERMISSION_DENIED" in text:
+            raise TrackingError(f"MLflow server {redact(uri)} refused this client ({'401' if '401' in text else '403'})"
+                                "; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a server started with "
+                                "--app-name basic-auth) or MLFLOW_TRACKING_TOKEN, see docs/cluster.md") from None
 
 
 def describe_store(uri: str) -> str:
@@ -150,6 +177,66 @@ def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+# --- runs left RUNNING by a dead process -------------------------------------------------------------
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _abandon(client: Any, run: Any, why: str) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run.info.run_id, tags=[RunTag(OUTCOME_TAG, "failed"), RunTag("cotune.error", why[:5000])])
+    client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _running(client: Any, experiment_id: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000,
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def close_abandoned_runs(tracking_uri: str, experiment: str) -> list[str]:
+    """Mark FAILED the runs of ``experiment`` left RUNNING by a cotune process of this host that is gone.
+
+    Runs of other hosts are left alone (whether their process lives cannot be told from here); so are runs
+    without the ``cotune.host``/``cotune.pid`` tags (older cotune versions). Returns the ids marked.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host, marked = socket.gethostname(), []
+    for run in _running(client, found.experiment_id):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        _abandon(client, run, f"abandoned: process {pid} on {host} ended without closing this run (killed?); "
+                              "marked FAILED by cotune compare")
+        marked.append(run.info.run_id)
+    return marked
 
 
 # --- flattening -----------------------------------------------------------------------------------
@@ -198,11 +285,13 @@ class MlflowTracking(OptimizeCallback):
         parent_run_id: nest the parent run under this run (a tuning study's run).
         log_artifacts: upload program JSON, adapters, predictions and bundles.
         extra_params: more params for the parent run (flattened), e.g. a trial's sampled values.
+        resume: the run resumes ``optimize(resume=True)``: continue the parent and stage runs whose ids the run
+            folder keeps (``mlflow.json``) instead of opening new ones.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, *, tags: Mapping[str, Any] | None = None,
                  run_name: str | None = None, parent_run_id: str | None = None, log_artifacts: bool = True,
-                 extra_params: Mapping[str, Any] | None = None) -> None:
+                 extra_params: Mapping[str, Any] | None = None, resume: bool = False) -> None:
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -215,8 +304,12 @@ class MlflowTracking(OptimizeCallback):
         self.extra_params = dict(extra_params or {})
         self.experiment_id: str | None = None
         self.run_id: str | None = None
+        self.resume = resume
+        self.resumed = False  # whether on_run_start continued the runs of an earlier process
         self.stage_runs: dict[int, str] = {}
+        self._closed_stages: set[int] = set()
         self._open_stage: int | None = None
+        self._run_dir: Path | None = None
         self._rollouts_before = 0
         self._started = 0.0
         self.errors = 0
@@ -266,47 +359,121 @@ class MlflowTracking(OptimizeCallback):
 
     # --- hooks ------------------------------------------------------------------------------------
 
+    def _owner_tags(self) -> dict[str, str]:
+        tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        if self._run_dir is not None:
+            tags[RUN_DIR_TAG] = str(self._run_dir)
+        return tags
+
     def on_run_start(self, run) -> None:
+        """Open the parent run, or, resuming, continue the one the run folder names (``optimize()`` calls this once
+        it holds the folder's lock, so no other live process writes to these runs)."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         self._started = time.time()
         self.experiment_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
+        self._run_dir = Path(run.output_dir).resolve() if run.output_dir is not None else None
         params = run.params
         tags = {"arm": run.arm, "schedule": params.get("schedule", ""), "seed": run.seed,
                 "model_hash": str(params.get("base_fingerprint", ""))[:16], KIND_TAG: "run",
-                **{k: v for k, v in (params.get("tags") or {}).items()}, **self.tags}
+                **{k: v for k, v in (params.get("tags") or {}).items()}, **self.tags, **self._owner_tags()}
         if self.parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
-        name = self.run_name or f"{run.arm}-seed{run.seed}"
-        created = self.client.create_run(self.experiment_id, tags={k: str(v) for k, v in tags.items()}, run_name=name)
-        self.run_id = created.info.run_id
         flat = flatten({k: v for k, v in params.items() if k != "tags"})
         flat.update(flatten(self.extra_params))
-        self._log_batch(self.run_id, params=flat)
+        stored = self._stored_runs(run) if self.resume else None
+        if stored is not None:
+            self.run_id, self.stage_runs, self.resumed = stored[0], stored[1], True
+            self.client.update_run(self.run_id, status="RUNNING")
+            tags = {k: v for k, v in tags.items() if k != MLFLOW_PARENT_RUN_ID}
+            tags["cotune.resumed"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            self._safe("tag resumed run", self._log_batch, self.run_id, tags=tags)
+            self._safe("log params", self._log_batch, self.run_id, params=flat)  # the same values: a no-op
+        else:
+            name = self.run_name or f"{run.arm}-seed{run.seed}"
+            created = self.client.create_run(self.experiment_id, tags={k: str(v) for k, v in tags.items()},
+                                             run_name=name)
+            self.run_id = created.info.run_id
+            self._log_batch(self.run_id, params=flat)
+        self._save_run_ids()
+        self._safe("close abandoned runs", self._close_abandoned_of_folder)
         self._log_restored(run)
 
-    def _log_restored(self, run) -> None:
-        """A resumed run reloads its finished stages without calling stage hooks: log them now, tagged restored."""
-        import json
+    # --- run ids in the run folder (resume) -----------------------------------------------------------
 
-        from optimizers.result import StageRecord
-
-        if run.output_dir is None or not (Path(run.output_dir) / "run.json").exists():
-            return
+    def _stored_runs(self, run) -> tuple[str, dict[int, str]] | None:
+        """The parent and stage run ids an earlier process of this run folder used, if they are in this store."""
+        if self._run_dir is None or not (self._run_dir / RUN_IDS_FILE).exists():
+            return None
+        path = self._run_dir / RUN_IDS_FILE
         try:
-            finished = json.loads((Path(run.output_dir) / "run.json").read_text()).get("finished", [])
-        except (OSError, ValueError):
+            stored = json.loads(path.read_text())
+            parent = self.client.get_run(stored["parent_run_id"])
+            stages = {int(k): str(v) for k, v in (stored.get("stage_run_ids") or {}).items()}
+        except Exception as exc:  # noqa: BLE001 - unreadable file or unknown run: open new runs, say why
+            logger.warning("MLflow tracking: not continuing the runs named in %s (%s); opening new ones",
+                           path, _one_line(exc))
+            return None
+        tags = parent.data.tags
+        if (stored.get("tracking_uri") != redact(self.tracking_uri) or parent.info.experiment_id != self.experiment_id
+                or parent.info.lifecycle_stage != "active" or tags.get("arm") != run.arm
+                or tags.get("seed") != str(run.seed)):
+            logger.warning("MLflow tracking: %s names runs of another store, experiment or arm/seed; opening new "
+                           "runs", path)
+            return None
+        return parent.info.run_id, stages
+
+    def _save_run_ids(self) -> None:
+        if self._run_dir is None or not self._run_dir.is_dir():
             return
+        data = {"tracking_uri": redact(self.tracking_uri), "experiment": self.experiment,
+                "experiment_id": self.experiment_id, "parent_run_id": self.run_id,
+                "stage_run_ids": {str(k): v for k, v in sorted(self.stage_runs.items())}}
+        self._safe("save run ids", _write_json, self._run_dir / RUN_IDS_FILE, data)
+
+    def _close_abandoned_of_folder(self) -> None:
+        """Mark FAILED the runs of this run folder (and host) that a dead process left RUNNING: the lock that
+        ``optimize()`` holds on the folder means no live process owns them. Runs this tracker continues are kept."""
+        if self._run_dir is None:
+            return
+        ours = {self.run_id, *self.stage_runs.values()}
+        host = socket.gethostname()
+        for found in _running(self.client, self.experiment_id):
+            tags = found.data.tags
+            if found.info.run_id in ours or tags.get(RUN_DIR_TAG) != str(self._run_dir) or tags.get(HOST_TAG) != host:
+                continue
+            _abandon(self.client, found, f"abandoned: process {tags.get(PID_TAG, '?')} on {host} ended without "
+                                         f"closing this run (killed?); marked FAILED when {self._run_dir} was run "
+                                         f"again (run {self.run_id})")
+
+    def _log_restored(self, run) -> None:
+        """A resumed run reloads its finished stages without calling stage hooks: log them now, tagged restored
+        (those whose stage runs the earlier process finished are already logged)."""
+        from optimizers.result import StageRecord
+        from optimizers.run_folder import finished_stages
+
+        if run.output_dir is None:
+            return
+        finished = finished_stages(Path(run.output_dir), run.stages)  # what optimize() reloads
         names = ("baseline",) + tuple(run.stages)
         for index in sorted(i for i in finished if 0 <= i < len(names)):
             path = Path(run.output_dir) / "stages" / f"{index}-{names[index]}" / "record.json"
             if not path.exists():
                 continue
             record = StageRecord(**json.loads(path.read_text()))
+            if index in self.stage_runs and self._status(self.stage_runs[index]) == "FINISHED":
+                self._rollouts_before = int(record.total_spend.get("rollouts", 0))  # logged by the earlier process
+                self._closed_stages.add(index)
+                continue
+            known = index in self.stage_runs
             stage_run = self._start_stage(run, index, record.stage)
-            if stage_run is not None:
+            if stage_run is not None and not known:
                 self._safe("tag restored", self._log_batch, stage_run, tags={"restored": "true"})
             self.on_stage_end(run, record)
+
+    def _status(self, run_id: str) -> str | None:
+        found = self._safe("get run", self.client.get_run, run_id)
+        return found.info.status if found is not None else None
 
     def on_stage_start(self, run, index: int, stage: str) -> None:
         self._start_stage(run, index, stage)
@@ -317,13 +484,21 @@ class MlflowTracking(OptimizeCallback):
         if self.run_id is None:
             return None
         tags = {MLFLOW_PARENT_RUN_ID: self.run_id, "stage": stage, "stage_index": index, "arm": run.arm,
-                "seed": run.seed, KIND_TAG: "stage", **{k: v for k, v in self.tags.items() if k != KIND_TAG}}
+                "seed": run.seed, KIND_TAG: "stage", **{k: v for k, v in self.tags.items() if k != KIND_TAG},
+                **self._owner_tags()}
+        if index in self.stage_runs:  # resuming: the stage run an earlier process opened goes on
+            stage_run = self.stage_runs[index]
+            self._safe("reopen stage run", self.client.update_run, stage_run, status="RUNNING")
+            self._safe("tag stage run", self._log_batch, stage_run, tags={**self._owner_tags(), "resumed": "true"})
+            self._open_stage = index
+            return stage_run
         created = self._safe("create stage run", self.client.create_run, self.experiment_id,
                              tags={k: str(v) for k, v in tags.items()}, run_name=f"{index}-{stage}")
         if created is None:
             return None
         self.stage_runs[index] = created.info.run_id
         self._open_stage = index
+        self._save_run_ids()
         return created.info.run_id
 
     def on_step(self, run, index: int, metrics: dict[str, Any]) -> None:
@@ -367,6 +542,7 @@ class MlflowTracking(OptimizeCallback):
         elif self.log_artifacts:
             self._safe("log record", self.client.log_dict, stage_run, record.to_dict(), "record.json")
         self._safe("end stage run", self.client.set_terminated, stage_run, "FINISHED")
+        self._closed_stages.add(record.index)
         self._open_stage = None
 
     def on_run_end(self, run, result) -> None:
@@ -400,11 +576,21 @@ class MlflowTracking(OptimizeCallback):
         else:
             status, outcome = "FAILED", "failed"
         tags = {OUTCOME_TAG: outcome, "cotune.error": _one_line(error)}
-        if self._open_stage is not None and self._open_stage in self.stage_runs:
-            stage_run = self.stage_runs[self._open_stage]
+        for index, stage_run in self.stage_runs.items():  # the open stage, and stage runs a resume had not reached
+            if index in self._closed_stages:
+                continue
             self._safe("tag stage", self._log_batch, stage_run, tags=tags)
             self._safe("end stage run", self.client.set_terminated, stage_run, status)
         self._safe("tag run", self._log_batch, self.run_id, tags=tags)
         if run.output_dir is not None:
             self._upload(self.run_id, Path(run.output_dir) / "run.json")
         self._safe("end run", self.client.set_terminated, self.run_id, status)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a unique temporary name in the same folder, then rename), readable by others."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -88,7 +88,7 @@ def _json_problem(path: Path) -> str | None:
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         return f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); is this a binary file?"
-    if text.lstrip().startswith("["):
+    if path.suffix.lower() != ".jsonl" and text.lstrip().startswith("["):  # a JSON array (.json)
         try:
             rows = json.loads(text)
         except ValueError as exc:
