@@ -65,13 +65,17 @@ def _report(path, n: int) -> None:
         print(row)
 
 
-def _ints(text: str | None) -> list[int] | None:
+def _seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,1,2``: distinct integers >= 0, checked before anything is written."""
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--seeds takes comma-separated integers like 0,1,2, got {text!r}") from None
+        raise ValueError(f"--seeds takes comma-separated integers >= 0 like 0,1,2, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds takes distinct integers >= 0 like 0,1,2, got {text!r}")
+    return seeds
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -91,12 +95,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rl import distributed
 
     exp = load_experiment(args.experiment)
+    _seeds(args.seeds)  # a bad --seeds fails before anything else
     main = distributed.is_main_process()  # under accelerate launch the other ranks train silently
     if main:
         print(f"[cotune] {describe(exp)}", flush=True)
     _threads(args.threads or exp.threads)
-    outcomes = run_experiment(exp, arms=_names(args.arms), seeds=_ints(args.seeds), tracking_uri=args.tracking_uri,
-                              track=not args.no_tracking, resume=args.resume, verbose=args.verbose)
+    seeds = _seeds(args.seeds)
+    outcomes = run_experiment(exp, arms=_names(args.arms), seeds=seeds, tracking_uri=args.tracking_uri,
+                              track=not args.no_tracking, resume=args.resume, overwrite=args.overwrite,
+                              verbose=args.verbose)
     if outcomes and not args.no_tracking and main:
         print(f"[cotune] {len(outcomes)} runs finished; compare them with: cotune compare {args.experiment}")
     return 0
@@ -104,7 +111,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from experiments.compare import compare
-    from experiments.tracking import describe_store, resolve_tracking_uri
+    from experiments.tracking import check_tracking_uri, close_abandoned_runs, describe_store, resolve_tracking_uri
 
     name, configured, out, order = args.experiment, None, None, None
     if args.experiment.endswith((".yaml", ".yml")) or Path(args.experiment).is_file():
@@ -113,6 +120,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         exp = load_experiment(args.experiment, check_task=False)
         name, configured, out, order = exp.mlflow_experiment, exp.tracking_uri, exp.reports_dir, [a.name for a in exp.arms]
     uri = resolve_tracking_uri(args.tracking_uri, configured)
+    check_tracking_uri(uri)
+    abandoned = close_abandoned_runs(uri, name)
+    if abandoned:
+        print(f"[cotune] marked {len(abandoned)} run(s) FAILED that a killed cotune process on this host had left "
+              f"RUNNING: {', '.join(abandoned)}", file=sys.stderr)
     report = compare(name, uri, args.out or out or Path("reports") / name, arm_order=order)
     print(report.table)
     print(f"\nreport: {report.markdown}")
@@ -193,7 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", help="experiment YAML, e.g. experiments/quickstart.yaml")
     run.add_argument("--arms", help="comma-separated arm names to run (default: all)")
     run.add_argument("--seeds", help="comma-separated seeds to run (default: the file's)")
-    run.add_argument("--resume", action="store_true", help="skip completed runs and continue interrupted ones")
+    folder = run.add_mutually_exclusive_group()
+    folder.add_argument("--resume", action="store_true",
+                        help="where a run folder already holds a run: skip it when completed, continue it when "
+                             "interrupted (refused when the experiment's settings changed)")
+    folder.add_argument("--overwrite", action="store_true",
+                        help="where a run folder already holds a run: move it aside to <folder>.old-<date>-<time> "
+                             "(never deleted) and start over. Without --resume or --overwrite such a folder is "
+                             "refused before anything runs")
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     run.set_defaults(func=_cmd_run)
 
@@ -278,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CotuneRLError, TrackingError, ValueError, FileNotFoundError, FileExistsError,
             distributed.MainProcessError) as exc:
         print(f"cotune: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except (PermissionError, NotADirectoryError, IsADirectoryError) as exc:  # a path the user gave cannot be used
+        print(f"cotune: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cotune: interrupted (open MLflow runs were marked KILLED)", file=sys.stderr)
