@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from metrics import Rubric, as_rubric
 
 __all__ = ["OPTIMIZERS", "PromptStageConfig", "PromptStageError", "run_prompt_stage"]
 
-OPTIMIZERS = ("bootstrap_rs", "mipro", "gepa", "simba")
+OPTIMIZERS = ("bootstrap_rs", "mipro", "gepa", "simba", "random_demos")
 AUTO_PRESETS = ("light", "medium", "heavy")
 
 
@@ -39,8 +40,11 @@ class PromptStageConfig:
     """Settings of one prompt stage; the named optimizer's own defaults apply to everything not listed here.
 
     Attributes:
-        optimizer: ``"bootstrap_rs"`` (BootstrapFewShotWithRandomSearch), ``"mipro"`` (MIPROv2), ``"gepa"``
-            or ``"simba"``.
+        optimizer: ``"bootstrap_rs"`` (BootstrapFewShotWithRandomSearch), ``"mipro"`` (MIPROv2), ``"gepa"``,
+            ``"simba"``, or ``"random_demos"``: the control arm, ``max(max_bootstrapped_demos,
+            max_labeled_demos)`` labelled demos drawn at random from the trainset (as many demos as bootstrap_rs
+            puts in a prompt, no search, no rollouts), so that a prompt stage's lift can be told apart from
+            "any demos help".
         max_bootstrapped_demos: Demos bootstrapped from the program's own successful traces (per predictor;
             SIMBA's ``max_demos``).
         max_labeled_demos: Demos taken straight from the trainset labels (bootstrap_rs, mipro).
@@ -53,7 +57,9 @@ class PromptStageConfig:
         max_steps: SIMBA optimisation steps.
         minibatch_size: MIPROv2 minibatch / SIMBA batch size (clamped to the data available).
         num_threads: Parallel program calls (the policy engine micro-batches them).
-        seed: Seed of the optimizer's own sampling.
+        seed: Seed of the optimizer's own sampling and of the trainset order it sees (runs with different
+            seeds bootstrap from different examples; BootstrapFewShotWithRandomSearch's own candidate seeds
+            are fixed, so without the shuffle every seed would pick the same demos).
     """
 
     optimizer: str = "bootstrap_rs"
@@ -95,6 +101,8 @@ def _build(config: PromptStageConfig, rubric: Rubric, lm: dspy.LM, prompt_lm: ds
             metric=rubric.as_dspy_metric(), max_bootstrapped_demos=c.max_bootstrapped_demos,
             max_labeled_demos=c.max_labeled_demos, num_candidate_programs=c.num_candidate_programs,
             num_threads=c.num_threads)
+    if c.optimizer == "random_demos":
+        return dspy.LabeledFewShot(k=max(c.max_bootstrapped_demos, c.max_labeled_demos))
     if c.optimizer == "mipro":
         budget = {"auto": c.auto} if c.auto else {"auto": None, "num_candidates": c.num_candidate_programs}
         return dspy.MIPROv2(metric=rubric.as_dspy_metric(), prompt_model=prompt_lm or lm, task_model=lm,
@@ -102,14 +110,16 @@ def _build(config: PromptStageConfig, rubric: Rubric, lm: dspy.LM, prompt_lm: ds
                             num_threads=c.num_threads, seed=c.seed, verbose=False, **budget)
     if c.optimizer == "gepa":
         budget = {"auto": c.auto} if c.auto else {"max_metric_calls": c.max_metric_calls}
-        return dspy.GEPA(metric=rubric.as_gepa_metric(), reflection_lm=reflection_lm or lm,
-                         num_threads=c.num_threads, seed=c.seed, **budget)
+        return dspy.GEPA(metric=rubric.as_gepa_metric(), reflection_lm=reflection_lm or lm, track_stats=True,
+                         num_threads=c.num_threads, seed=c.seed, **budget)  # detailed_results: every candidate
     return dspy.SIMBA(metric=rubric.as_dspy_metric(), bsize=min(c.minibatch_size, n_train),
                       num_candidates=c.num_candidate_programs, max_steps=c.max_steps,
                       max_demos=c.max_bootstrapped_demos, prompt_model=prompt_lm or lm, num_threads=c.num_threads)
 
 
 def _compile_kwargs(config: PromptStageConfig, valset: list | None) -> dict[str, Any]:
+    if config.optimizer == "random_demos":
+        return {"sample": True}  # LabeledFewShot draws k of the (seed-shuffled) trainset
     if config.optimizer == "simba":
         return {"seed": config.seed}  # SIMBA.compile takes no valset
     kwargs: dict[str, Any] = {"valset": valset}
@@ -180,6 +190,7 @@ def run_prompt_stage(program: dspy.Module, trainset: Sequence[dspy.Example], val
     if teleprompter is not None and not callable(getattr(teleprompter, "compile", None)):
         raise PromptStageError(f"teleprompter must have a compile(student, trainset=...) method, "
                                f"got {type(teleprompter).__name__}")
+    random.Random(config.seed).shuffle(trainset)  # the seed decides which examples the optimizer sees first
     student = copy.deepcopy(program)
     with dspy.context(lm=lm, adapter=adapter or dspy.ChatAdapter(use_json_adapter_fallback=False)):
         if teleprompter is not None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from dspy.utils import DummyLM
 
+from metrics import as_rubric
 from optimizers import (
     Budget,
     BudgetError,
@@ -32,6 +33,7 @@ from optimizers.prompt_stage import PromptStageConfig
 from programs.tasks import last_digit
 
 SEED = 0
+HELDOUT = 100  # test questions for held-out lifts
 WEIGHTS = {"learning_rate": 1e-3, "max_tokens": 16, "num_generations": 4, "examples_per_step": 4}
 PROMPT = {"num_candidate_programs": 2, "max_bootstrapped_demos": 3, "num_threads": 8}
 
@@ -44,6 +46,18 @@ def _bound_program() -> dspy.Module:
 
 def _data(n_train: int = 24, n_val: int = 24):
     return last_digit.load("train", n_train, seed=SEED), last_digit.load("val", n_val, seed=SEED)
+
+
+def _heldout(program: dspy.Module, policy, n: int = HELDOUT) -> float:
+    """Greedy accuracy on ``n`` test questions that no stage sees (val picks candidates and the best stage)."""
+    return last_digit.measure(program, policy.lm(temperature=0.0, max_tokens=16, cache=False), n).accuracy
+
+
+def _trained(adapter: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> bool:
+    """True when the LoRA weights moved: ``lora_B`` starts at zero (``lora_A`` is random from the start)."""
+    b = [k for k in adapter if "lora_B" in k]
+    assert b, "no lora_B tensors in the adapter"
+    return any(not torch.equal(adapter[k], initial[k]) for k in b)
 
 
 def _run(policy, tmp_path=None, schedule="p -> w", budget=400, **kwargs):
@@ -186,16 +200,22 @@ class Recorder(OptimizeCallback):
 
 @pytest.mark.slow
 def test_p_then_w_improves_on_the_untuned_program_within_budget(fresh_policy, tmp_path):
+    untuned = _heldout(last_digit.predict_program(), fresh_policy)  # before any weight changes
     recorder = Recorder()
     result = _run(fresh_policy, tmp_path / "run", budget=400, callbacks=[recorder])
     names = [r.name for r in result.history]
-    print("val per stage:", [(r.name, round(r.val_score, 3), r.total_spend) for r in result.history])
+    tuned = _heldout(result.program, fresh_policy)
+    print("val per stage:", [(r.name, round(r.val_score, 3), r.total_spend) for r in result.history],
+          f"held-out test: {untuned:.3f} -> {tuned:.3f}")
     assert names == ["0-baseline", "1-p", "2-w"]  # the baseline, then one entry per stage
+    # the lift is measured on test questions no stage saw (val picked demos and the best stage)
+    assert tuned >= untuned + 0.10, (untuned, tuned)
+    assert result.best_index > 0 and result.val_score > result.history[0].val_score
     baseline = result.history[0].val_score
-    assert result.val_score >= baseline and max(r.val_score for r in result.history[1:]) >= baseline
     assert result.spend["rollouts"] <= 400 and result.spend["rollouts"] == sum(r.spend["rollouts"] for r in result.history)
-    w = result.history[2]
-    assert w.details["steps"] >= 1 and w.adapter_version > result.history[1].adapter_version
+    p, w = result.history[1], result.history[2]
+    assert not p.note, p.note  # the prompt optimizer finished inside its share
+    assert w.details["steps"] >= 1 and w.adapter_version > p.adapter_version
     assert recorder.events[0] == ("start", "joint") and recorder.events[-1] == ("done", 3)
     assert [e for e in recorder.events if e[0] == "end"] == [("end", n) for n in names]
     assert sum(e[0] == "step" for e in recorder.events) == w.details["steps"]
@@ -207,30 +227,35 @@ def test_p_then_w_improves_on_the_untuned_program_within_budget(fresh_policy, tm
         assert (run / bundle / "adapter" / "adapter_model.safetensors").exists()
         assert manifest["base_fingerprint"] == fresh_policy.base_fingerprint and manifest["versions"]["dspy"]
     assert (run / "stages" / "2-w" / "predictions.jsonl").read_text().count("\n") == 24
-    # the returned program runs on the best adapter
-    assert result.program(**last_digit.load("test", 1)[0].inputs()).answer is not None
 
 
 @pytest.mark.slow
-def test_saved_bundle_loads_in_a_fresh_process_with_the_same_val_score(fresh_policy, tmp_path, tiny_model_dir):
-    result = _run(fresh_policy, tmp_path / "run", schedule="w", budget=160)
+def test_saved_bundle_reloads_in_a_fresh_process_with_the_same_predictions(fresh_policy, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    initial = fresh_policy.adapter_state()
+    result = _run(fresh_policy, tmp_path / "run", schedule="w", budget=320)
+    best = result.history[result.best_index]
+    print("val per stage:", [(r.name, r.val_score) for r in result.history])
+    assert best.name == "1-w", "the weight stage did not beat the untuned program on val: nothing trained to reload"
+    saved = load_file(tmp_path / "run" / "best" / "adapter" / "adapter_model.safetensors")
+    assert _trained(saved, initial)
+    val = last_digit.load("val", 24, seed=SEED)
+    mine = [result.program(**ex.inputs()).answer for ex in val]
     bundle = result.save(tmp_path / "bundle")
     with pytest.raises(FileExistsError):
         result.save(tmp_path / "bundle")
     script = textwrap.dedent(f"""
-        import json, dspy
+        import json
         from optimizers import load
-        from optimizers.evaluate import evaluate
-        from metrics import as_rubric
         from programs.tasks import last_digit
         program = load({str(bundle)!r}, program=last_digit.predict_program(), max_tokens=16)
-        lm = program.policy.lm(temperature=0.0, max_tokens=16, cache=False)
-        ev = evaluate(program, last_digit.load("val", 24, seed=0), as_rubric(last_digit.correct), lm, num_threads=1)
-        print(json.dumps({{"val": ev.score}}))
+        print(json.dumps([program(**ex.inputs()).answer for ex in last_digit.load("val", 24, seed=0)]))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    reloaded = json.loads(out.stdout.strip().splitlines()[-1])["val"]
-    assert math.isclose(reloaded, result.val_score), (reloaded, result.val_score)
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert theirs == mine  # example by example, not one aggregate score
+    assert sum(a == ex.answer for a, ex in zip(theirs, val)) / len(val) == pytest.approx(best.val_score)
 
 
 @pytest.mark.slow
@@ -264,8 +289,22 @@ class CrashAt(OptimizeCallback):
             raise KeyboardInterrupt("simulated crash")
 
 
+class AdapterAt(OptimizeCallback):
+    """Snapshots the live adapter when stage ``index`` starts (after a resume restored the stages before it)."""
+
+    def __init__(self, policy, index):
+        self.policy, self.index, self.state = policy, index, None
+
+    def on_stage_start(self, run, index, stage):
+        if index == self.index:
+            self.state = self.policy.adapter_state()
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_finished_stages(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from optimizers.evaluate import evaluate
     from rl import Policy
 
     policy = Policy.from_pretrained(tiny_model_dir, name="tiny-resume")
@@ -273,15 +312,25 @@ def test_an_interrupted_run_resumes_from_its_finished_stages(tiny_model_dir, tmp
         _run(policy, tmp_path / "run", schedule="w -> p", budget=320, callbacks=[CrashAt(2)])
     state = json.loads((tmp_path / "run" / "run.json").read_text())
     assert state["status"] == "failed" and state["finished"] == [0, 1]
-    first_w = json.loads((tmp_path / "run" / "stages" / "1-w" / "record.json").read_text())
+    stage = tmp_path / "run" / "stages" / "1-w"
+    first_w = json.loads((stage / "record.json").read_text())
 
     fresh = Policy.from_pretrained(tiny_model_dir, name="tiny-resume")  # a new process would start like this
-    recorder = Recorder()
-    result = _run(fresh, tmp_path / "run", schedule="w -> p", budget=320, resume=True, callbacks=[recorder])
+    recorder, at_p = Recorder(), AdapterAt(fresh, 2)
+    result = _run(fresh, tmp_path / "run", schedule="w -> p", budget=320, resume=True, callbacks=[recorder, at_p])
     assert [r.name for r in result.history] == ["0-baseline", "1-w", "2-p"]
     assert ("stage", 1, "w") not in recorder.events and ("stage", 2, "p") in recorder.events  # w was not redone
-    assert result.history[1].val_score == first_w["val_score"]
     assert result.spend["rollouts"] <= 320 and result.history[1].spend == first_w["spend"]
+    # the restored state is the finished stage's, not just its recorded numbers
+    saved = load_file(stage / "adapter" / "adapter_model.safetensors")
+    assert at_p.state.keys() == saved.keys() and all(torch.equal(at_p.state[k], saved[k]) for k in saved)
+    assert _trained(saved, Policy.from_pretrained(tiny_model_dir, name="tiny-untrained").adapter_state())
+    fresh.load_adapter_state(saved)
+    program = last_digit.predict_program()
+    program.load_state(json.loads((stage / "program.json").read_text()))
+    lm = fresh.lm(temperature=0.0, max_tokens=16, cache=False)
+    again = evaluate(program, last_digit.load("val", 24, seed=SEED), as_rubric(last_digit.correct), lm, num_threads=1)
+    assert again.score == pytest.approx(first_w["val_score"]) == pytest.approx(result.history[1].val_score)
 
 
 @pytest.mark.slow
@@ -296,7 +345,16 @@ def test_self_train_stage_fine_tunes_on_successful_traces(fresh_policy, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["bootstrap_rs", "mipro", "gepa", "simba"])
-def test_each_dspy_optimizer_runs_as_a_p_stage(tiny_policy, optimizer):
+def test_each_dspy_optimizer_as_a_p_stage_finishes_in_its_share_and_changes_the_program(tiny_policy, optimizer):
+    """Every optimizer ends inside its share (no budget wall) with a different program; the demo-adding ones lift
+    held-out accuracy.
+
+    What this proves on the tiny model: its warm-start labels long numbers correctly more often when demos are in
+    the prompt, so *any* correct demos help (the random-demos control arm in experiments/quickstart.yaml measures
+    that). GEPA only edits instructions, and the tiny model was warm-started on one fixed instruction, so a GEPA
+    lift is impossible by design here: for GEPA the test asserts that the reflection LM's instruction was proposed
+    and that GEPA kept the candidate that scored best on val.
+    """
     scripted = {
         "mipro": DummyLM({"": {"program_description": "Finds the last digit.", "module_description": "One digit.",
                                "summary": "Last digits.", "observations": "Last digits.",
@@ -306,13 +364,26 @@ def test_each_dspy_optimizer_runs_as_a_p_stage(tiny_policy, optimizer):
         "simba": DummyLM({"": {"discussion": "Wrong digit.", "module_advice": {"self": "Copy the final digit."}}}),
     }
     prompt = {"optimizer": optimizer, "num_candidate_programs": 2, "max_bootstrapped_demos": 2, "num_threads": 4,
-              "max_steps": 1, "minibatch_size": 6, "max_labeled_demos": 2}
+              "max_steps": 1, "minibatch_size": 6, "max_labeled_demos": 2,
+              **{"mipro": {"auto": None, "num_trials": 4}, "gepa": {"auto": None, "max_metric_calls": 60}}.get(
+                  optimizer, {})}
     extra = {"gepa": {"reflection_lm": scripted["gepa"]}}.get(optimizer, {"prompt_lm": scripted.get(optimizer)})
-    result = _run(tiny_policy, schedule="p", budget=120, prompt=prompt, **extra)
-    stage = result.history[1]
-    print(optimizer, "val", result.history[0].val_score, "->", stage.val_score, "spend", stage.spend, stage.note)
-    assert stage.details["optimizer"] == optimizer and stage.spend["rollouts"] <= 120
-    assert stage.spend["rollouts"] > 0
+    untuned = last_digit.predict_program()
+    result = _run(tiny_policy, schedule="p", budget=200, prompt=prompt, **extra)
+    baseline, stage = result.history
+    print(optimizer, "val", baseline.val_score, "->", stage.val_score, "spend", stage.spend, stage.note)
+    assert stage.details["optimizer"] == optimizer and 0 < stage.spend["rollouts"] <= 200
+    assert not stage.note, stage.note  # the optimizer finished; it did not hit the budget wall
+    program = result.last_program
+    if optimizer == "gepa":
+        reflections = ["\n".join(m["content"] for m in h["messages"]) for h in scripted["gepa"].history]
+        assert reflections, "GEPA never called the reflection LM"
+        assert stage.val_score >= baseline.val_score  # GEPA returns its best val candidate, the seed included
+        return
+    assert sum(len(p.demos) for p in program.predictors()) > 0, "the optimizer did not change the program"
+    before, after = _heldout(untuned, tiny_policy), _heldout(program, tiny_policy)
+    print(f"{optimizer}: held-out {before:.3f} -> {after:.3f}")
+    assert after >= before + 0.10, (before, after)
 
 
 @pytest.mark.slow

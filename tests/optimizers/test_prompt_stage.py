@@ -85,7 +85,7 @@ def test_user_teleprompter_is_used_and_gets_valset_only_if_it_accepts_one():
 
     recorder = Recorder()
     run_prompt_stage(program, train, val, last_digit.correct, lm=DummyLM([]), teleprompter=recorder)
-    assert recorder.seen[0] == train and recorder.seen[1] == val
+    assert sorted(recorder.seen[0], key=str) == sorted(train, key=str) and recorder.seen[1] == val
     assert isinstance(recorder.seen[2], dspy.ChatAdapter) and not recorder.seen[2].use_json_adapter_fallback
 
 
@@ -121,8 +121,12 @@ def test_mipro_stage_uses_the_prompt_lm_and_returns_a_runnable_program(tiny_poli
                                 last_digit.load("val", 8, seed=SEED), last_digit.correct, lm=lm, config=config,
                                 prompt_lm=proposer)
     assert proposer.history, "MIPROv2 never called the prompt LM"
-    assert compiled.signature.instructions in {last_digit.predict_program().signature.instructions,
-                                               SCRIPTED_INSTRUCTION}
+    # MIPROv2 must have tried the proposed instruction and returned its best full-eval candidate. Whether that one
+    # carries the new instruction is the score's call: the tiny model was warm-started on one fixed instruction,
+    # so an instruction carries no skill for it (its prompt-stage lift comes from demos, see test_optimize.py).
+    tried = {c["program"].signature.instructions for c in compiled.mb_candidate_programs + compiled.candidate_programs}
+    assert SCRIPTED_INSTRUCTION in tried
+    assert compiled.score == max(c["score"] for c in compiled.candidate_programs)
     _runs(compiled, lm)
 
 
@@ -140,9 +144,14 @@ def test_gepa_stage_uses_the_feedback_metric_and_the_reflection_lm(tiny_policy):
     prompts = ["\n".join(m["content"] for m in entry["messages"]) for entry in reflection.history]
     assert prompts, "GEPA never called the reflection LM"
     assert any("[FAIL] exact_match" in p for p in prompts), "the rubric's feedback did not reach the reflection LM"
-    assert compiled.signature.instructions in {last_digit.predict_program().signature.instructions,
-                                               SCRIPTED_INSTRUCTION}
-    _runs(compiled, lm)
+    # GEPA edits instructions only: it must have proposed the reflection LM's instruction and returned the candidate
+    # that scored best on val. A lift is impossible by design on the tiny model (warm-started on one instruction;
+    # on a new one it sometimes answers in free text, which is a parse failure scored 0), so none is asserted.
+    results = compiled.detailed_results
+    assert SCRIPTED_INSTRUCTION in {c.signature.instructions for c in results.candidates}
+    best = max(range(len(results.candidates)), key=lambda i: results.val_aggregate_scores[i])
+    assert compiled.signature.instructions == results.candidates[best].signature.instructions
+    assert _accuracy(compiled, lm, long_val) == pytest.approx(results.val_aggregate_scores[best])
 
 
 @pytest.mark.slow
@@ -157,7 +166,8 @@ def test_simba_stage_returns_a_runnable_program(tiny_policy):
     compiled = run_prompt_stage(program, train, None, last_digit.correct, lm=lm, config=config, prompt_lm=rule_writer)
     assert len(compiled.candidate_programs) > 1 and compiled.trial_logs  # SIMBA's own bookkeeping: it really ran
     assert compiled is not program and program.demos == []
-    before, after = _accuracy(program, lm, train), _accuracy(compiled, lm, train)
-    print(f"simba: train accuracy {before:.0%} -> {after:.0%}; {len(compiled.demos)} demos")
-    assert after >= before  # SIMBA returns its best candidate on the trainset, the seed program included
+    heldout = last_digit.load("test", 40, seed=SEED)  # SIMBA selects on the trainset: measure elsewhere
+    before, after = _accuracy(program, lm, heldout), _accuracy(compiled, lm, heldout)
+    print(f"simba: held-out accuracy {before:.0%} -> {after:.0%}; {len(compiled.demos)} demos")
+    assert len(compiled.demos) > 0 and after >= before + 0.2
     _runs(compiled, lm)
