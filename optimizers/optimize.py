@@ -124,7 +124,8 @@ def optimize(
         prompt_lm, reflection_lm: proposer (MIPROv2, SIMBA) and reflection (GEPA) models; default: the policy.
         gold_metric: a held-out metric no stage optimizes (or a configured :class:`metrics.GoldGuard`); it is
             evaluated after each stage and an alert is raised when the metric's val score rises while gold falls.
-        seed: seeds Python, NumPy, torch and every stage.
+        seed: seeds every stage: Python, NumPy and torch are seeded with ``seed + i`` before stage ``i``, so a
+            resumed run repeats what an uninterrupted one does.
         output_dir: run folder (see the module docstring); ``None`` keeps artifacts in a temporary folder.
         resume: continue the interrupted run in ``output_dir`` (finished stages are reloaded, an interrupted
             weight stage continues from its last good checkpoint); refused when the settings differ.

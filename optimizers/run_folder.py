@@ -39,6 +39,7 @@ from rl.atomic import remove_stale_temps
 logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 LOCK_FILE = ".cotune.lock"
+PROBE_PREFIX = ".cotune-write-test-"
 STAGES = "stages"
 
 
@@ -178,12 +179,12 @@ def _check_writable(root: Path) -> None:
         raise OutputDirError(f"output_dir {str(root)!r} is a file, not a folder; choose a folder path")
     try:
         root.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:
+    except (FileExistsError, NotADirectoryError) as exc:
         raise OutputDirError(f"cannot create output_dir {str(root)!r}: a part of that path is a file") from exc
     except OSError as exc:
         raise OutputDirError(f"cannot create output_dir {str(root)!r}: {exc.strerror}; choose a writable "
                              "location") from exc
-    probe = root / f".cotune-write-test-{os.getpid()}"
+    probe = root / f"{PROBE_PREFIX}{os.getpid()}"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         probe.unlink()
@@ -194,7 +195,7 @@ def _check_writable(root: Path) -> None:
 
 
 def _prepare(root: Path, params: dict[str, Any], stages: Sequence[str], *, resume: bool, overwrite: bool) -> set[int]:
-    if not any(p.name != LOCK_FILE for p in root.iterdir()):
+    if not any(p.name != LOCK_FILE and not p.name.startswith(PROBE_PREFIX) for p in root.iterdir()):
         set_status(root, "running", params, [])
         return set()
     run_file = root / RUN_FILE
@@ -289,15 +290,19 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def set_status(root: Path, status: str, params: dict[str, Any], finished: Sequence[int],
                error: str | None = None) -> None:
-    """Write ``run.json``; the ``finished`` list keeps every stage an earlier write of the same run listed."""
+    """Write ``run.json``; the ``finished`` list keeps every stage an earlier write of the same run listed.
+
+    Keys that others added to the same run's ``run.json`` (e.g. tracking run ids) are kept.
+    """
     if not root.is_dir():
         return
     run_file = root / RUN_FILE
     digest = params_hash(params)
     old = _peek(run_file)
-    merged = set(finished) | (set(old.get("finished", [])) if old.get("params_hash") == digest else set())
-    write_json(run_file, {"status": status, "finished": sorted(merged), "params_hash": digest, "params": params,
-                          "error": error, "updated": time.time()})
+    same_run = old.get("params_hash") == digest
+    merged = set(finished) | (set(old.get("finished", [])) if same_run else set())
+    write_json(run_file, {**(old if same_run else {}), "status": status, "finished": sorted(merged),
+                          "params_hash": digest, "params": params, "error": error, "updated": time.time()})
 
 
 def _peek(run_file: Path) -> dict[str, Any]:
