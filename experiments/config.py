@@ -13,7 +13,8 @@ The file::
     model: tiny                      # "tiny" (the embedded model) or a local HF model folder
     engine: local                    # generation: "local" (in-process), "vllm" (start a server) or http://host:port
     vllm: {dtype: bfloat16}          # rl.vllm_server.VLLMServer.start (or .attach, with a URL) options + adapter_dir
-    metric: rubric                   # "rubric" (the task's), "gold" (its gold metric) or "module:attr"
+                                     # (python: only scripts/vllm_venv.sh's venv, unless allow_custom_python: true)
+    metric: rubric                   # "rubric" (the task's), "gold" (its gold metric) or "package.module:attr"
     gold: true                       # also score the task's gold metric (never optimized): reward-hacking guard
     data: {train: 32, val: 32, test: 100, seed: 0}
     arms:                            # name -> schedule (or a list of schedules, named by their arm)
@@ -35,6 +36,16 @@ The file::
         weights.learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}
 
 Note: YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); numeric strings are accepted for float fields.
+
+**An experiment file can run code**, as a Python script can: ``metric: package.module:attr`` imports that module
+(when the file is loaded) and calls the function, and ``vllm.python`` names an executable cotune starts. So both are
+limited (:func:`import_reference`, :func:`_check_vllm_python`): references resolve from installed packages and
+``$PYTHONPATH`` only, never from the current directory or the standard library; ``vllm.python`` must be the venv
+``scripts/vllm_venv.sh`` builds unless ``allow_custom_python: true`` says otherwise. Still, run only experiment
+files you would run as scripts.
+
+Arm names become folder names (``<output_dir>/<arm folder>/seed-<k>``, :func:`arm_folder`); names whose folders
+would collide or leave ``output_dir`` (``..``) are refused.
 """
 
 from __future__ import annotations

@@ -5,8 +5,14 @@ way -- task data, program, metric, a fresh policy with the configured LoRA shape
 score of the returned program -- and tests drive it from Python.
 
 Every run gets the same task data (``data.seed``) so seeds measure the optimizers' randomness, the same budget,
-and its own folder ``<output_dir>/<arm>/seed-<k>``. DSPy's and the stages' chatter goes to
+and its own folder ``<output_dir>/<arm>/seed-<k>``. DSPy's and the stages' chatter is appended to
 ``<output_dir>/<arm>/seed-<k>.log`` unless ``verbose``; the console shows one line per stage.
+
+A run folder is hours of CPU, so nothing here deletes one. Before the first run starts, every folder of the plan
+is checked (:func:`plan_runs`): one that holds a run is refused unless ``--resume`` (skip it when completed,
+continue it when interrupted, both only when the settings recorded in its ``experiment.json`` are unchanged) or
+``--overwrite`` (``optimize()`` moves it aside to ``<folder>.old-<date>-<time>``); one that another process is
+running, one of other files, or an unwritable ``output_dir`` is refused too.
 """
 
 from __future__ import annotations
