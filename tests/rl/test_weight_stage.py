@@ -330,4 +330,5 @@ def test_sigkilled_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k])
-    assert not math.isclose(float(a[next(iter(a))].abs().sum()), 0.0)
+    # it really trained: lora_B starts at zero (lora_A is random from the start, so it proves nothing)
+    assert any(not math.isclose(float(a[k].abs().sum()), 0.0) for k in a if "lora_B" in k)
