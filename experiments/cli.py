@@ -41,13 +41,17 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{loss:.3f}")
 
     start = time.time()
-    path = tiny_model_path(seed=args.seed, progress=progress, force=args.force)
+    path = tiny_model_path(seed=args.seed, progress=progress, force=args.force, from_recipe=True)
     if bar is not None:
         bar.close()
-    print(f"tiny model ready at {path} ({time.time() - start:.0f}s)")
+    print(f"tiny model built from its recipe at {path} ({time.time() - start:.0f}s)")
     if not args.no_eval:
         _threads(args.threads)  # for the report only: the warm-start training keeps torch's default
         _report(path, args.eval_size)
+    if args.ship:
+        from programs.embedded import ship_tiny_model
+
+        print(f"shipped: {ship_tiny_model(path)}")
     return 0
 
 
@@ -247,11 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_cmd_export)
 
     model = sub.add_parser("model", help="build or inspect local models").add_subparsers(dest="model_cmd", required=True)
-    build = model.add_parser("build", help="build the embedded tiny model (cached under $COTUNE_CACHE)")
+    build = model.add_parser("build", help="rebuild the embedded tiny model from its recipe (cached under "
+                                           "$COTUNE_CACHE); the shipped weights need no build",
+                             description="Build the recipe of the shipped tiny model on this machine and report "
+                                         "whether it lands in the quality band. Builds differ across CPUs; "
+                                         "--ship copies the build over the shipped weights (for maintainers).")
     build.add_argument("name", choices=["tiny"], help="which embedded model to build")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     build.add_argument("--no-eval", action="store_true", help="skip the accuracy report after building")
+    build.add_argument("--ship", action="store_true", help="copy the build into programs/models/ (replaces the "
+                                                           "shipped weights; every recorded number changes)")
     build.add_argument("--eval-size", type=int, default=500, help="held-out questions for the report")
     build.add_argument("--threads", type=int, help="torch CPU threads for the report (1 is fastest for the tiny "
                                                    "model on 2 cores)")

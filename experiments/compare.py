@@ -6,7 +6,9 @@ store through ``MlflowClient``: the parent runs of ``cotune run`` (tag ``cotune.
 (``arm``, ``schedule``, ``seed``), final metrics and the ``val_score`` history logged at step = rollouts spent.
 
 For each (arm, seed) the most recent FINISHED run counts, so re-running an experiment replaces its runs in the
-report. The report has: a table per arm (mean and 95% confidence interval over seeds, Student's t), a plot of
+report. An arm whose seeds all returned the same program (same prompts, same adapter: tag ``cotune.program_hash``)
+is flagged: its confidence interval then measures nothing, since the seeds could not differ. The report has: a
+table per arm (mean and 95% confidence interval over seeds, Student's t), a plot of
 val score against rollouts spent (mean over seeds, band = min..max over seeds, thin line per seed), and a plot
 of the final score per arm with its 95% CI and each seed as a dot.
 """
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.tracking import KIND_TAG, TrackingError, check_tracking_uri, describe_store
+from experiments.tracking import KIND_TAG, PROGRAM_HASH_TAG, TrackingError, check_tracking_uri, describe_store
 
 
 class CompareError(ValueError):
@@ -61,6 +63,7 @@ class ArmSummary:
     rollouts: float
     lm_calls: float
     minutes: float
+    identical_seeds: bool = False  # every seed returned the same program: the CI is not evidence of anything
 
     @property
     def final_mean(self) -> float:
@@ -167,8 +170,15 @@ def summarize(rows: Sequence[RunRow], arm_order: Sequence[str] | None = None) ->
             test_mean=_mean(tests) if tests else None, test_ci=ci95(tests) if tests else None,
             rollouts=_mean([r.rollouts for r in group if r.rollouts is not None]),
             lm_calls=_mean([r.lm_calls for r in group if r.lm_calls is not None]),
-            minutes=_mean([r.seconds / 60 for r in group if r.seconds is not None])))
+            minutes=_mean([r.seconds / 60 for r in group if r.seconds is not None]),
+            identical_seeds=identical_programs(group)))
     return out
+
+
+def identical_programs(rows: Sequence[RunRow]) -> bool:
+    """True when several seeds all returned the same program (prompts and adapter), so they could not differ."""
+    hashes = [r.tags.get(PROGRAM_HASH_TAG) for r in rows]
+    return len(rows) > 1 and None not in hashes and len(set(hashes)) == 1
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -187,7 +197,8 @@ def format_table(arms: Sequence[ArmSummary]) -> str:
         ["rollouts", "LM calls", "min/run"]
     lines = [header]
     for a in arms:
-        lines.append([a.arm, a.schedule, str(a.n), _pm(a.val_mean, a.val_ci)]
+        lines.append([a.arm, a.schedule, f"{a.n} (identical!)" if a.identical_seeds else str(a.n),
+                      _pm(a.val_mean, a.val_ci)]
                      + ([_pm(a.test_mean, a.test_ci)] if has_test else [])
                      + [f"{a.rollouts:.0f}", f"{a.lm_calls:.0f}", f"{a.minutes:.1f}"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
@@ -317,6 +328,11 @@ def _markdown(experiment: str, uri: str, arms: list[ArmSummary], rows: list[RunR
         "candidates and the best stage, so it is optimistic. `test (held out)` scores the same program on examples "
         "no stage saw.", "",
     ]
+    same = [a.arm for a in arms if a.identical_seeds]
+    if same:
+        lines += [f"**Seeds that could not differ:** every seed of {', '.join(f'`{a}`' for a in same)} returned the "
+                  "same program (same prompts and adapter), so its ± is not a confidence interval over anything. "
+                  "Give the arm more room to differ (a larger trainset, more candidates) or read it as one run.", ""]
     for plot in plots:
         lines += [f"![{plot.stem}]({plot.name})", ""]
     lines += ["## Runs", "", "| arm | seed | val by stage (rollouts: score) | best val | test | rollouts | run id |",
@@ -354,4 +370,4 @@ def compare(experiment: str, tracking_uri: str, out_dir: str | Path, *, arm_orde
 
 
 __all__ = ["ArmSummary", "CompareError", "Report", "RunRow", "TrackingError", "ci95", "compare", "fetch_runs",
-           "format_table", "summarize"]
+           "format_table", "identical_programs", "summarize"]

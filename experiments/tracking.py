@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_DB = "mlflow.db"
 KIND_TAG = "cotune.kind"  # "run" (cotune run), "trial" (cotune tune), "study" (a tuning study's parent run)
 OUTCOME_TAG = "cotune.outcome"  # completed / failed / killed / pruned
+PROGRAM_HASH_TAG = "cotune.program_hash"  # the returned program's prompts + adapter: seeds that could not differ
 HOST_TAG, PID_TAG, RUN_DIR_TAG = "cotune.host", "cotune.pid", "cotune.run_dir"  # who owns a RUNNING run
 RUN_IDS_FILE = "mlflow.json"  # in the run folder: the parent and stage run ids, for a resume
 MAX_PARAM_CHARS = 6000
@@ -252,6 +254,12 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def program_hash(result: Any) -> str:
+    """A short hash of what ``optimize()`` returned: the program's prompts and demos, and the adapter's weights."""
+    state = json.dumps(result.program.dump_state(), sort_keys=True, default=str)
+    return hashlib.sha256(f"{state}/{result.policy.adapter_hash()}".encode()).hexdigest()[:16]
 
 
 def _metric_key(name: str) -> str:
@@ -555,7 +563,8 @@ class MlflowTracking(OptimizeCallback):
         if result.best.gold_score is not None:
             final["final_gold_score"] = result.best.gold_score
         self._safe("log final", self._log_batch, self.run_id, final, self._rollouts_before,
-                   tags={OUTCOME_TAG: "completed", "best_stage": result.best.name})
+                   tags={OUTCOME_TAG: "completed", "best_stage": result.best.name,
+                         PROGRAM_HASH_TAG: program_hash(result)})
         if run.output_dir is not None:
             self._upload(self.run_id, Path(run.output_dir) / "best" / "manifest.json")
             self._upload(self.run_id, Path(run.output_dir) / "run.json")

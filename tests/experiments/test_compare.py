@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from experiments.compare import CompareError, ci95, compare, format_table, summarize
-from experiments.tracking import KIND_TAG
+from experiments.tracking import KIND_TAG, PROGRAM_HASH_TAG
 
 
 def log_run(client, experiment_id, arm, schedule, seed, curve, test, status="FINISHED", kind="run"):
@@ -83,3 +83,19 @@ def test_table_without_test_scores_and_single_seed():
 def test_missing_experiment_is_a_clear_error(tmp_path):
     with pytest.raises(CompareError, match="cotune run"):
         compare("nothing-here", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "out")
+
+
+def test_an_arm_whose_seeds_returned_the_same_program_is_flagged(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    eid = client.create_experiment("seeds")
+    for seed in range(3):
+        same = log_run(client, eid, "prompt-only", "p", seed, [(0, 0.3), (400, 0.875)], 0.8)
+        client.set_tag(same, PROGRAM_HASH_TAG, "aaaa")
+        differ = log_run(client, eid, "joint", "p -> w", seed, [(0, 0.3), (400, 0.8 + 0.05 * seed)], 0.8)
+        client.set_tag(differ, PROGRAM_HASH_TAG, f"b{seed}")
+    report = compare("seeds", uri, tmp_path / "report")
+    flags = {a.arm: a.identical_seeds for a in report.arms}
+    assert flags == {"joint": False, "prompt-only": True}
+    assert "3 (identical!)" in report.table
+    assert "every seed of `prompt-only` returned the same program" in report.markdown.read_text()
