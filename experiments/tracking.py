@@ -258,7 +258,10 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def program_hash(result: Any) -> str:
     """A short hash of what ``optimize()`` returned: the program's prompts and demos, and the adapter's weights."""
-    state = json.dumps(result.program.dump_state(), sort_keys=True, default=str)
+    from optimizers.result import program_state
+
+    # without the policy's LM bound to the predictors: dump_state() refuses an LM whose engine cannot be saved
+    state = json.dumps(program_state(result.program), sort_keys=True, default=str)
     return hashlib.sha256(f"{state}/{result.policy.adapter_hash()}".encode()).hexdigest()[:16]
 
 
@@ -562,9 +565,11 @@ class MlflowTracking(OptimizeCallback):
                  "total_lm_calls": last.total_spend.get("lm_calls", 0), "wall_seconds": time.time() - self._started}
         if result.best.gold_score is not None:
             final["final_gold_score"] = result.best.gold_score
-        self._safe("log final", self._log_batch, self.run_id, final, self._rollouts_before,
-                   tags={OUTCOME_TAG: "completed", "best_stage": result.best.name,
-                         PROGRAM_HASH_TAG: program_hash(result)})
+        tags = {OUTCOME_TAG: "completed", "best_stage": result.best.name}
+        digest = self._safe("hash the program", program_hash, result)
+        if digest is not None:
+            tags[PROGRAM_HASH_TAG] = digest
+        self._safe("log final", self._log_batch, self.run_id, final, self._rollouts_before, tags=tags)
         if run.output_dir is not None:
             self._upload(self.run_id, Path(run.output_dir) / "best" / "manifest.json")
             self._upload(self.run_id, Path(run.output_dir) / "run.json")
