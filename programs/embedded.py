@@ -102,6 +102,14 @@ def tiny_model_path(
     )
 
 
+def recipe_build_dir(seed: int = SHIPPED_SEED) -> Path:
+    """Where a build of the recipe lives in ``$COTUNE_CACHE`` (it may not exist yet)."""
+    from rl.tiny_model import build_dir
+
+    recipe, _, key = _recipe(seed)
+    return build_dir(TINY_NAME, recipe, key)
+
+
 def ship_tiny_model(build: str | Path, dest: str | Path = SHIPPED_DIR) -> Path:
     """Copy a recipe build into the package (``dest``) with the sha256 of every file in its ``build_info.json``."""
     build, dest = Path(build), Path(dest)

@@ -235,6 +235,11 @@ def build_tiny_model(
     return out_dir
 
 
+def build_dir(name: str, recipe: TinyModelRecipe = TinyModelRecipe(), extra_key: dict | None = None) -> Path:
+    """Where :func:`build_or_load` keeps the build of this recipe: ``cache_root()/models/<name>-<key>``."""
+    return cache_root() / "models" / f"{name}-{recipe_key(recipe, extra_key)}"
+
+
 def build_or_load(
     name: str,
     conversations_fn: Callable[[], Sequence[Sequence[dict]]],
@@ -248,8 +253,8 @@ def build_or_load(
     The folder is ``cache_root()/models/<name>-<hash of recipe and extra_key>``; a ``build_info.json`` records
     the recipe, the build time and the key. ``conversations_fn`` runs only when a build is needed. A file lock keeps two processes from building the same model at once.
     """
-    key = recipe_key(recipe, extra_key)
-    out = cache_root() / "models" / f"{name}-{key}"
+    out = build_dir(name, recipe, extra_key)
+    key = out.name.rsplit("-", 1)[1]
     info_path = out / "build_info.json"
     if info_path.exists() and not force:
         return out

@@ -21,9 +21,16 @@ from tests.experiments.helpers import (
 )
 
 
-def test_model_build_reuses_the_cached_model(tiny_model_dir, capsys):
+def test_model_build_reuses_a_cached_build_of_the_recipe(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from programs.embedded import recipe_build_dir
+
+    monkeypatch.setenv("COTUNE_CACHE", str(tmp_path))
+    cached = recipe_build_dir()
+    shutil.copytree(tiny_model_dir, cached)  # a build of this recipe already in the cache: nothing is trained
     assert main(["model", "build", "tiny", "--no-eval"]) == 0
-    assert f"tiny model ready at {tiny_model_dir}" in capsys.readouterr().out
+    assert f"tiny model built from its recipe at {cached}" in capsys.readouterr().out
 
 
 def test_missing_model_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
