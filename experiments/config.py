@@ -19,6 +19,7 @@ The file::
     data: {train: 32, val: 32, test: 100, seed: 0}
     arms:                            # name -> schedule (or a list of schedules, named by their arm)
       prompt-only: "p"
+      random-demos: {schedule: "p", prompt: {optimizer: random_demos}}   # an arm's own prompt settings
       rl-only: "w"
       joint: "p -> w"
     seeds: [0, 1, 2]                 # or a count: 3
@@ -99,10 +100,12 @@ class _Problem(Exception):
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the comparison: a name (tag ``arm``) and its schedule (``"p -> w"``)."""
+    """One arm of the comparison: a name (tag ``arm``), its schedule (``"p -> w"``) and the prompt settings that
+    override the experiment's for this arm alone (a control arm: ``{optimizer: random_demos}``)."""
 
     name: str
     schedule: str
+    prompt: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def folder(self) -> str:
@@ -232,7 +235,8 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         """The experiment as plain data (what ``best_config.yaml`` and MLflow params record)."""
         out = dataclasses.asdict(self)
-        out["arms"] = {a.name: a.schedule for a in self.arms}
+        out["arms"] = {a.name: {"schedule": a.schedule, "prompt": a.prompt} if a.prompt else a.schedule
+                       for a in self.arms}
         out["seeds"] = list(self.seeds)
         return out
 
@@ -592,17 +596,23 @@ def _arms(value: Any) -> tuple[Arm, ...]:
         raise _Problem(("arms",), "needs at least one arm")
     arms: list[Arm] = []
     for name, schedule, path in items:
+        prompt: dict[str, Any] = {}
+        if isinstance(schedule, dict):  # {schedule: "p", prompt: {optimizer: random_demos}}
+            _no_unknown(schedule, ("schedule", "prompt"), path)
+            prompt = _section(schedule, "prompt", _prompt_cls(), path=path)
+            schedule = _required(schedule, "schedule", path)
         if not isinstance(schedule, str):
-            raise _Problem(path, f"a schedule is a string like 'p -> w', got {_kind(schedule)}")
+            raise _Problem(path, f"a schedule is a string like 'p -> w' (or {{schedule: ..., prompt: {{...}}}}), "
+                                 f"got {_kind(schedule)}")
         try:
             stages = parse_schedule(schedule)
         except ScheduleError as exc:
             raise _Problem(path, str(exc)) from None
-        arms.append(Arm(name=name or arm_of(stages), schedule=format_schedule(stages)))
+        arms.append(Arm(name=name or arm_of(stages), schedule=format_schedule(stages), prompt=prompt))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         if isinstance(value, list):  # several schedules of one arm kind: name them by their schedule
-            arms = [Arm(name=a.schedule, schedule=a.schedule) for a in arms]
+            arms = [Arm(name=a.schedule, schedule=a.schedule, prompt=a.prompt) for a in arms]
         if len({a.name for a in arms}) != len(arms):
             raise _Problem(("arms",), f"arm names must be unique, got {names}")
     for i, message in check_arm_folders([a.name for a in arms]):
@@ -683,15 +693,17 @@ def _lora_cls():
     return LoraSettings
 
 
-def _section(data: dict, key: str, cls, sentinel: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A config section checked against ``cls``'s fields and its own validation (``__post_init__``)."""
+def _section(data: dict, key: str, cls, sentinel: dict[str, Any] | None = None, path: Path_ = ()) -> dict[str, Any]:
+    """A config section checked against ``cls``'s fields and its own validation (``__post_init__``); ``path`` is
+    where ``data`` sits in the file (an arm's own section)."""
     value = data.get(key) or {}
+    where = (*path, key)
     if not isinstance(value, dict):
-        raise _Problem((key,), f"must be a mapping of {cls.__name__} settings, got {_kind(value)}")
+        raise _Problem(where, f"must be a mapping of {cls.__name__} settings, got {_kind(value)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    _no_unknown(value, tuple(fields), (key,))
-    out = {name: coerce_field(fields[name], v, (key, name)) for name, v in value.items()}
-    check_dataclass(cls, out, (key,), sentinel)
+    _no_unknown(value, tuple(fields), where)
+    out = {name: coerce_field(fields[name], v, (*where, name)) for name, v in value.items()}
+    check_dataclass(cls, out, where, sentinel)
     return out
 
 

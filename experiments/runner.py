@@ -248,7 +248,7 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
     with captured_output(None if verbose else root.with_name(f"{root.name}{rank}.log")):
         policy = build_policy(exp, seed)
         result = optimize(
-            program, trainset, valset, metric=metric, policy=policy, schedule=arm.schedule, prompt=exp.prompt,
+            program, trainset, valset, metric=metric, policy=policy, schedule=arm.schedule, prompt={**exp.prompt, **arm.prompt},
             weights=exp.weights, self_training=exp.self_training, budget=exp.budget, seed=seed, output_dir=root,
             resume=resume, overwrite=overwrite and not resume, progress=verbose, callbacks=all_callbacks,
             gold_metric=gold, eval_threads=threads, eval_max_tokens=max_tokens,
@@ -280,7 +280,7 @@ def run_settings(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
     """What one run of the experiment depends on; a resume needs them unchanged (names and paths aside)."""
     return {"task": exp.task, "program": exp.program, "model": exp.model, "engine": exp.engine, "metric": exp.metric,
             "gold": exp.gold, "data": exp.data, "schedule": arm.schedule, "seed": seed, "budget": exp.budget,
-            "prompt": exp.prompt, "weights": exp.weights, "self_training": exp.self_training, "lora": exp.lora,
+            "prompt": {**exp.prompt, **arm.prompt}, "weights": exp.weights, "self_training": exp.self_training, "lora": exp.lora,
             "eval": exp.eval}
 
 

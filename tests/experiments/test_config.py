@@ -29,9 +29,11 @@ def test_every_shipped_experiment_file_is_valid(path):
     assert exp.arms and exp.seeds and exp.name
 
 
-def test_quickstart_compares_three_arms_at_equal_budget_over_three_seeds():
+def test_quickstart_compares_its_arms_and_a_random_demos_control_at_equal_budget_over_three_seeds():
     exp = load_experiment(Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml")
-    assert [a.name for a in exp.arms] == ["prompt-only", "rl-only", "joint"]
+    assert [a.name for a in exp.arms] == ["prompt-only", "random-demos", "rl-only", "joint"]
+    control = exp.arm("random-demos")
+    assert control.schedule == "p" and control.prompt == {"optimizer": "random_demos"}
     assert len(exp.seeds) == 3 and isinstance(exp.budget, int) and exp.model == "tiny"
     assert exp.tune is not None and "schedule" in exp.tune.space
 
@@ -57,6 +59,16 @@ def error(text: str) -> ConfigError:
     message = str(info.value)
     assert "\n" not in message and message.startswith("exp.yaml")
     return info.value
+
+
+def test_an_arm_can_carry_its_own_prompt_settings():
+    exp = parse_experiment(GOOD.replace('  prompt-only: "p"', '  control: {schedule: p, prompt: {optimizer: random_demos}}'))
+    assert exp.arm("control").prompt == {"optimizer": "random_demos"} and exp.arm("joint").prompt == {}
+    assert exp.to_dict()["arms"]["control"] == {"schedule": "p", "prompt": {"optimizer": "random_demos"}}
+    with pytest.raises(ConfigError, match=r":4: arms.control.prompt.optimiser: unknown key .did you mean .optimizer"):
+        parse_experiment(GOOD.replace('  prompt-only: "p"', '  control: {schedule: p, prompt: {optimiser: x}}'))
+    with pytest.raises(ConfigError, match=r"arms.control.schedule: is required"):
+        parse_experiment(GOOD.replace('  prompt-only: "p"', '  control: {prompt: {optimizer: random_demos}}'))
 
 
 def test_yaml_syntax_error_names_the_line():
