@@ -7,10 +7,11 @@ turn rows into the batch dict its ``compute_loss`` consumes, accumulate gradient
 and step its optimizer and scheduler. Our loop (``rl.weight_stage``) owns the schedule and checkpoints;
 ``trainer.train()`` is never called.
 
-Checked against trl 1.16 by running (see tests/rl/test_grpo.py): the micro-batch split does not change
-the update under the default ``loss_type="dapo"``; with ``beta=0`` and zero advantages nothing moves; with
-``beta>0`` the reference is TRL's own choice for a PEFT model, a frozen copy ("ref" adapter) of the adapter
-as it was when the stage started (the base model when the adapter is fresh).
+Every use of TRL's (and accelerate's) private internals goes through :mod:`rl.trl_seam`, which says which versions it
+was checked against; its contract test is tests/rl/test_grpo.py: the micro-batch split does not change the update
+(``loss_type`` dapo or grpo); with ``beta=0`` and zero advantages nothing moves; with ``beta>0`` the reference is
+TRL's own choice for a PEFT model, a frozen copy ("ref" adapter) of the adapter as it was when the updater was built,
+i.e. when the stage started (identical to the base model only while that adapter is still the fresh, identity one).
 
 Data parallel (``accelerate launch``, several processes; see tests/rl/test_distributed.py): the model is wrapped in
 DDP and the optimizer prepared through the trainer's own ``accelerator``; gradients are all-reduced once per step
@@ -39,21 +40,16 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from rl import distributed
+from rl import distributed, trl_seam
 from rl.advantages import Row
 from rl.config import WeightStageConfig
 from rl.errors import CotuneRLError
-from rl.policy import gathered_lora, zero3_lora_params
+from rl.policy import zero3_lora_params
+from rl.trl_seam import IS_RATIO, ROW_MEAN_LOSSES
 
-# Loss types that average over the rows of a micro-batch (TRL 1.16): a padding row would dilute that mean, so a
-# micro-batch holding padding rows is rescaled to its real rows. Token-normalised types (dapo, bnpo, cispo, vespo)
-# are unaffected by padding rows.
-_ROW_MEAN_LOSSES = frozenset({"grpo", "sapo", "dr_grpo", "luspo"})
 _REAL = "cotune_real_rows"  # batch key (not TRL's): which rows are real, not padding for the other ranks
-_IS_RATIO = "importance_sampling_ratio"  # batch key TRL's loss multiplies the per-token loss by
 
 
 class UnsupportedDistributedError(CotuneRLError, RuntimeError):
@@ -143,16 +139,13 @@ class GRPOUpdater:
         if self.trainer.model is not policy.model:
             raise RuntimeError("TRL replaced the policy model; the engine would keep generating from stale weights")
         if repartition:
-            self.trainer.beta = self.trainer.args.beta = config.beta
-            _add_ref_adapter_zero3(policy.model)
+            trl_seam.set_beta(self.trainer, config.beta)
+            trl_seam.add_reference_adapter_zero3(policy.model)
         self._total_steps = max(1, total_steps)
         self.trainer.create_optimizer_and_scheduler(num_training_steps=self._total_steps)
         self.zero_stage: int | None = None  # DeepSpeed's ZeRO stage, when launched with DeepSpeed
         if config.importance_sampling != "none":
-            # TRL applies the ratio in its loss under these flags; its generation code, which they also switch, is
-            # never called (we generate), so this turns on exactly the loss-side correction
-            self.trainer.use_vllm = True
-            self.trainer.vllm_importance_sampling_correction = True
+            trl_seam.enable_importance_sampling(self.trainer)
         self._corrected = False
         self.accelerator = self.trainer.accelerator
         self.distributed = self.accelerator.num_processes > 1
@@ -232,15 +225,12 @@ class GRPOUpdater:
         """
         if self.distributed and self.model is not self.trainer.model:
             if self.zero_stage is None:  # DDP
-                self.model._remove_autograd_hooks()
+                trl_seam.remove_ddp_hooks(self.model)
             else:  # a DeepSpeed engine: drop ZeRO's gradient hooks (ZeRO-3 leaves the weights partitioned)
                 self.model.destroy()
             self.accelerator.free_memory()
             self.model = self.trainer.model_wrapped = self.trainer.model
-        model = self.policy.model
-        if "ref" in getattr(model, "peft_config", {}):
-            model.delete_adapter("ref")
-            model.set_adapter("default")
+        trl_seam.drop_reference_adapter(self.policy.model)
         self._workdir.cleanup()
 
     # --- rows -> TRL batch ----------------------------------------------------------------------
@@ -252,9 +242,6 @@ class GRPOUpdater:
         Under several processes this is a collective call (every rank calls it once per update, possibly with no
         rows): the rows are padded to the largest rank's count and ``num_items_in_batch`` counts every rank's tokens.
         """
-        from trl.models.utils import disable_gradient_checkpointing
-        from trl.trainer.utils import pad, use_adapter
-
         trainer = self.trainer
         device = trainer.accelerator.device
         pad_id = self.policy.tokenizer.pad_token_id
@@ -265,15 +252,15 @@ class GRPOUpdater:
         prompts += [torch.tensor([pad_id], dtype=torch.long)] * n_pad
         completions += [torch.tensor([pad_id], dtype=torch.long)] * n_pad
         real = torch.tensor([True] * len(rows) + [False] * n_pad)
-        completion_mask = pad([torch.ones_like(t) for t in completions], 0, "right")
+        completion_mask = trl_seam.pad([torch.ones_like(t) for t in completions], 0, "right")
         completion_mask[~real] = 0
         if self.config.mask_truncated_completions:
             truncated = torch.tensor([r.truncated for r in rows] + [False] * n_pad)
             completion_mask[truncated] = 0
         batch = {
-            "prompt_ids": pad(prompts, pad_id, "left").to(device),
-            "prompt_mask": pad([torch.ones_like(t) for t in prompts], 0, "left").to(device),
-            "completion_ids": pad(completions, pad_id, "right").to(device),
+            "prompt_ids": trl_seam.pad(prompts, pad_id, "left").to(device),
+            "prompt_mask": trl_seam.pad([torch.ones_like(t) for t in prompts], 0, "left").to(device),
+            "completion_ids": trl_seam.pad(completions, pad_id, "right").to(device),
             "completion_mask": completion_mask.to(device),
             "advantages": torch.tensor([float(r.advantage) for r in rows] + [0.0] * n_pad, device=device),
         }
@@ -292,27 +279,25 @@ class GRPOUpdater:
             # rows all came from an uncorrected source (or that has padding rows only) must still take part
             correct = bool(distributed.all_reduce([float(correct)], "max")[0])
         self._corrected = correct  # for the step's metrics
-        with disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs):
+        with trl_seam.without_gradient_checkpointing(trainer, model):
             if self.config.num_iterations > 1 or correct:  # the batch is reused / the sampler was not the trainer
                 model.eval()
-                batch["old_per_token_logps"] = trainer._get_per_token_logps_and_entropies(model, ids, mask, width, mbs)[0]
-            if trainer.beta != 0.0:
-                unwrapped = trainer.accelerator.unwrap_model(model)
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    batch["ref_per_token_logps"] = trainer._get_per_token_logps_and_entropies(
-                        model, ids, mask, width, mbs)[0]
+                batch["old_per_token_logps"] = trl_seam.per_token_logps(trainer, model, ids, mask, width, mbs)
+            if self.config.beta != 0.0:  # the beta TRL's loss reads (trl_seam.set_beta keeps them equal)
+                batch["ref_per_token_logps"] = trl_seam.reference_logps(trainer, model, ids, mask, width, mbs)
         if self.config.importance_sampling != "none":
             if correct:
                 nan = float("nan")  # a row or token the sampler did not score gets ratio 1, as in TRL
                 logps = [torch.tensor(s if s is not None else [nan] * len(r.completion_ids), dtype=torch.float32)
                          for s, r in zip(sampled, rows)] + [torch.tensor([nan])] * n_pad
-                batch[_IS_RATIO] = importance_ratio(batch["old_per_token_logps"], pad(logps, nan, "right").to(device),
-                                                    batch["completion_mask"], self.config.importance_sampling,
-                                                    self.config.importance_sampling_cap)
+                sampler_logps = trl_seam.pad(logps, nan, "right").to(device)
+                batch[IS_RATIO] = importance_ratio(batch["old_per_token_logps"], sampler_logps,
+                                                   batch["completion_mask"], self.config.importance_sampling,
+                                                   self.config.importance_sampling_cap)
                 if self.config.num_iterations == 1:  # TRL then takes the current log-probs (detached) as "old"
                     del batch["old_per_token_logps"]
             else:
-                batch[_IS_RATIO] = torch.ones(len(prompts), 1, device=device)
+                batch[IS_RATIO] = torch.ones(len(prompts), 1, device=device)
         return batch
 
     # --- one optimizer step ---------------------------------------------------------------------
@@ -325,11 +310,7 @@ class GRPOUpdater:
         n_rows = batch["advantages"].size(0)
         mbs = self.config.micro_batch_size
         starts = range(0, n_rows, mbs)
-        # TRL divides each micro-batch loss by num_items_in_batch * accumulation / steps_per_generation (dapo) or by
-        # the accumulation steps (grpo...). Setting both so that the sum over micro-batches is the step's token mean
-        # makes the update independent of how the rows are split.
-        trainer.current_gradient_accumulation_steps = len(starts)
-        n_items = batch["num_items_in_batch"] * trainer.args.steps_per_generation / len(starts)
+        n_items = trl_seam.split_into(trainer, len(starts), batch["num_items_in_batch"])  # the update ignores the split
         real = batch.get(_REAL)
         total = 0.0
         with warnings.catch_warnings():
@@ -339,24 +320,22 @@ class GRPOUpdater:
                 micro["num_items_in_batch"] = n_items
                 last = j == len(starts) - 1
                 with self._sync_on(last):
-                    with trainer.compute_loss_context_manager():
-                        loss = trainer.compute_loss(model, micro)
-                    if real is not None and self.config.loss_type in _ROW_MEAN_LOSSES:
+                    loss = trl_seam.loss(trainer, model, micro)
+                    if real is not None and self.config.loss_type in ROW_MEAN_LOSSES:  # rescale to the real rows
                         n_real = int(real[s : s + mbs].sum())
                         loss = loss * (len(micro["advantages"]) / n_real if n_real else 0.0)
                     trainer.accelerator.backward(loss)
                 total += loss.item()
         if self.distributed:  # the mean over ranks is the loss DDP's averaged gradient belongs to
             total = distributed.all_reduce([total], "sum")[0] / self.accelerator.num_processes
-        grad_norm = trainer._clip_grad_norm(model) if trainer.args.max_grad_norm > 0 else None
+        grad_norm = trl_seam.clip_grad_norm(trainer, model)
         trainer.optimizer.step()  # under DeepSpeed a no-op: the engine stepped in the last backward
         trainer.lr_scheduler.step()
         self.policy.model.zero_grad(set_to_none=True)
         model.eval()
         trainer.state.global_step += 1
-        metrics = {k: float(np.nanmean(v)) for k, v in trainer._metrics["train"].items() if len(v)}
-        trainer._metrics["train"].clear()
-        metrics.update(loss=total, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        metrics = trl_seam.pop_metrics(trainer)
+        metrics.update(loss=total, grad_norm=grad_norm if grad_norm is not None else float("nan"),
                        lr=float(trainer.lr_scheduler.get_last_lr()[0]))
         metrics.update(self._importance_metrics(batch))
         return metrics
@@ -366,7 +345,7 @@ class GRPOUpdater:
 
         Collective under several processes (every rank's batch has a ratio whenever the correction is on).
         """
-        ratio = batch.get(_IS_RATIO)
+        ratio = batch.get(IS_RATIO)
         if ratio is None:
             return {}
         mask = batch["completion_mask"]
@@ -383,7 +362,7 @@ class GRPOUpdater:
         """Under DDP, all-reduce gradients only on the step's last backward (``no_sync`` before), as ``Trainer`` does."""
         if not self.distributed:
             return contextlib.nullcontext()
-        self.accelerator.gradient_state._set_sync_gradients(last)  # what TRL's loss and the optimizer wrapper read
+        trl_seam.set_sync_gradients(self.accelerator, last)  # what TRL's loss and the optimizer wrapper read
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
 
     # --- checkpoint state -----------------------------------------------------------------------
@@ -434,16 +413,3 @@ def importance_ratio(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, m
     if mode.endswith("truncate"):
         return ratio.clamp(max=cap)
     return ratio.masked_fill(ratio > cap, 0.0)
-
-
-def _add_ref_adapter_zero3(model) -> None:
-    """TRL's frozen "ref" adapter (a copy of "default") on a ZeRO-3-partitioned model: copied from the gathered
-    default adapter (a collective), as plain tensors on every rank (it never trains)."""
-    model.add_adapter("ref", model.peft_config["default"])
-    model.set_adapter("default")
-    defaults = {n: p for n, p in model.named_parameters() if ".default." in n}
-    with gathered_lora(model), torch.no_grad():  # the new "ref" weights are plain tensors: only "default" gathers
-        for name, param in defaults.items():
-            ref = model.get_parameter(name.replace(".default.", ".ref."))
-            ref.data = param.data.detach().clone().to(ref.device)
-            ref.requires_grad_(False)
