@@ -15,7 +15,9 @@ and update the versions above and :data:`CHECKED_TRL`.
 What we rely on:
 
 - ``GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size)``
-  returns ``(logps, entropies, aux_loss)``, logits scaled by the trainer's temperature.
+  returns ``(logps, entropies, aux_loss)`` at the trainer's temperature: ``GRPOTrainer.__init__`` patches the policy's
+  base model with a fused LM head (``trl.trainer.utils.add_fused_lm_head``; never undone, each new trainer wraps the
+  last) that only a ``fused_lm_head=True`` call uses, so the engine's plain forward, and its generation, are unchanged.
 - ``GRPOTrainer.compute_loss(model, inputs)`` takes the dict ``_generate_and_score_completions`` returns:
   ``prompt_ids``, ``prompt_mask``, ``completion_ids``, ``completion_mask``, ``advantages``, ``num_items_in_batch`` and,
   when present, ``old_per_token_logps``, ``ref_per_token_logps`` and ``importance_sampling_ratio`` (:data:`IS_RATIO`).
