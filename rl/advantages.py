@@ -7,7 +7,9 @@ minus the group's mean reward, optionally divided by a standard deviation (of th
 or not at all). Every call of a rollout to that predictor shares the rollout's advantage.
 
 Groups whose rewards have zero variance carry no signal: they are counted (for logging) and their rows
-dropped, so no compute is spent on a zero gradient.
+dropped, so no compute is spent on a zero gradient (``drop_zero_variance=False`` keeps them with advantage 0, as
+TRL does, for equal-work comparisons). :func:`flat_examples` names the examples whose G rollouts all scored the
+same: the weight stage's dynamic sampling (DAPO) replaces them with other examples.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def compute_advantages(
     name_of: Callable[[Any], str],
     scale_rewards: ScaleRewards = "group",
     eps: float = 1e-4,
+    drop_zero_variance: bool = True,
 ) -> tuple[list[Row], AdvantageStats]:
     """Rows with mmGRPO advantages for every call of every rollout.
 
@@ -63,9 +66,11 @@ def compute_advantages(
         name_of: maps ``LMCall.predictor`` to a predictor name (see :func:`predictor_namer`).
         scale_rewards: divide by the group's std (``"group"``), the batch's std (``"batch"``) or not (``"none"``).
         eps: added to the std before dividing.
+        drop_zero_variance: drop the rows of zero-variance groups (they push nothing); ``False`` keeps them with
+            advantage 0.
 
     Returns:
-        (rows with non-zero-variance groups only, statistics).
+        (rows, statistics); ``stats.zero_variance_groups`` counts the flat groups either way.
     """
     if scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
@@ -84,7 +89,8 @@ def compute_advantages(
         std = statistics.pstdev(values) if len(values) > 1 else 0.0
         if std == 0.0:
             zero_var += 1
-            continue
+            if drop_zero_variance:
+                continue
         divisor = {"group": std + eps, "batch": batch_std + eps, "none": 1.0}[scale_rewards]
         baseline[group] = (mean, divisor)
 
@@ -99,3 +105,21 @@ def compute_advantages(
             rows.append(Row(call.prompt_ids, call.completion_ids, (rollout.reward - mean) / divisor, rollout.reward,
                             group, call.finish_reason == "length", call.completion_logprobs))
     return rows, AdvantageStats(len(members), zero_var, len(rows), dropped)
+
+
+def flat_examples(rollouts: Sequence[Rollout]) -> list[int]:
+    """The ``example_index`` of every example whose rollouts all got the same reward (all right or all wrong).
+
+    Such an example teaches nothing this step: every (example, predictor) group it forms has zero variance.
+
+    Example:
+        >>> import dspy
+        >>> runs = [Rollout(i, g, dspy.Example(), dspy.Prediction(), reward=r)
+        ...         for i, rewards in enumerate([(1, 1), (0, 1), (0, 0)]) for g, r in enumerate(rewards)]
+        >>> flat_examples(runs)
+        [0, 2]
+    """
+    rewards: dict[int, set[float]] = defaultdict(set)
+    for rollout in rollouts:
+        rewards[rollout.example_index].add(rollout.reward)
+    return [index for index, values in rewards.items() if len(values) == 1]

@@ -136,6 +136,7 @@ def run_rollouts(
     num_threads: int = 16,
     adapter: dspy.Adapter | None = None,
     tag: Any = None,
+    first_index: int = 0,
 ) -> list[Rollout]:
     """Run ``program`` ``num_generations`` times on each example, concurrently, and score each run.
 
@@ -151,6 +152,8 @@ def run_rollouts(
             as a failure instead of silently retried in another format.
         tag: prefix of each rollout's recording tag ``(tag, example, sample)``; the engine derives sampling
             seeds from it, so the same tag samples the same tokens whatever the thread scheduling.
+        first_index: the ``example_index`` of ``examples[0]``; a caller that samples one batch in several calls
+            (the weight stage's dynamic sampling) numbers them on, so that group ids and tags stay distinct.
 
     Returns:
         ``len(examples) * num_generations`` rollouts, ordered by (example, sample).
@@ -165,9 +168,9 @@ def run_rollouts(
     def run(job: tuple[int, int]) -> Rollout:
         i, g = job
         example = examples[i]
-        rollout = Rollout(example_index=i, sample=g, example=example, prediction=dspy.Prediction())
+        rollout = Rollout(example_index=first_index + i, sample=g, example=example, prediction=dspy.Prediction())
         overrides = {**parent, "lm": lm, "adapter": adapter, "trace": []}
-        with dspy.context(**overrides), recording(tag=(tag, i, g)) as calls:
+        with dspy.context(**overrides), recording(tag=(tag, first_index + i, g)) as calls:
             try:
                 rollout.prediction = program(**example.inputs())
             except Exception as exc:  # noqa: BLE001 - a failed run is data, not a crash
