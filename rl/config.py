@@ -28,6 +28,9 @@ class WeightStageConfig:
     top_p: float = 1.0
     max_tokens: int = field(default=128, metadata={"help": "max new tokens per LM call"})
     num_threads: int = field(default=64, metadata={"help": "concurrent program executions during rollouts"})
+    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: replace examples whose G rollouts all "
+                                                                    "scored the same by more examples (up to 2x "
+                                                                    "per step); every rollout counts in the budget"})
     # reward
     format_failure_score: float = field(default=0.0, metadata={"help": "reward of a run that failed to parse/raised"})
     scale_rewards: Literal["group", "batch", "none"] = "group"

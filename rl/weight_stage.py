@@ -5,6 +5,12 @@ every LM call recorded) -> score each run with the one metric -> advantages per 
 group -> one optimizer step of TRL's GRPO loss on every call's exact tokens -> bump the adapter version
 -> log, maybe checkpoint. The budget is counted in rollouts (program executions).
 
+Dynamic sampling (``dynamic_sampling=True``, DAPO, arXiv 2503.14476): a group whose G rollouts all scored the same
+(all right, or all wrong) has zero advantages and teaches nothing, yet its rollouts were paid for. So the step
+samples more examples until ``examples_per_step`` groups teach (at most twice as many examples per step, within the
+budget), and the cursor passes over a flat example once, at its next turn, instead of paying for it again. Every
+rollout sampled is counted in the budget, so at equal budget it makes fewer optimizer steps, each on full batches.
+
 Example:
     >>> from rl import Policy, WeightStageConfig, train_weights                            # doctest: +SKIP
     >>> result = train_weights(program, trainset, metric, policy,                          # doctest: +SKIP
@@ -37,7 +43,7 @@ from typing import Any
 import dspy
 
 from rl import distributed
-from rl.advantages import AdvantageStats, compute_advantages, predictor_namer
+from rl.advantages import AdvantageStats, compute_advantages, flat_examples, predictor_namer
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import WeightStageConfig
 from rl.errors import CotuneRLError
@@ -70,27 +76,42 @@ class WeightStageResult:
 
 
 class DataCursor:
-    """Walks the trainset in seeded per-epoch permutations; its whole state is (epoch, position)."""
+    """Walks the trainset in seeded per-epoch permutations; its whole state is (epoch, position, skip).
 
-    def __init__(self, size: int, seed: int, epoch: int = 0, position: int = 0) -> None:
+    ``skip`` holds examples to pass over once, at their next turn: dynamic sampling marks the examples whose last
+    group was all-equal. Passing over an example clears its mark, so :meth:`take` always ends.
+    """
+
+    def __init__(self, size: int, seed: int, epoch: int = 0, position: int = 0, skip: Iterable[int] = ()) -> None:
         self.size, self.seed, self.epoch, self.position = size, seed, epoch, position
+        self.skip = set(skip)
+        self.skipped = 0  # examples passed over so far (for the step metrics)
+        self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
-        return random.Random(f"cursor/{self.seed}/{epoch}").sample(range(self.size), self.size)
+        if epoch not in self._orders:
+            self._orders = {epoch: random.Random(f"cursor/{self.seed}/{epoch}").sample(range(self.size), self.size)}
+        return self._orders[epoch]
 
     def take(self, n: int) -> list[int]:
         out = []
         while len(out) < n:
             if self.position >= self.size:
                 self.epoch, self.position = self.epoch + 1, 0
-            order = self._order(self.epoch)
-            k = min(n - len(out), self.size - self.position)
-            out += order[self.position : self.position + k]
-            self.position += k
+            index = self._order(self.epoch)[self.position]
+            self.position += 1
+            if index in self.skip:
+                self.skip.discard(index)
+                self.skipped += 1
+            else:
+                out.append(index)
         return out
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "position": self.position}
+        if self.skip:
+            state["skip"] = sorted(self.skip)
+        return state
 
 
 def _check_trainset(trainset: Sequence[dspy.Example]) -> None:
@@ -237,33 +258,55 @@ def train_weights(
     end = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
     bar = _progress(progress and main, start, total_steps)
     try:
-        for step in range(start, end):
+        step = start
+        # the budget ends the stage: with dynamic sampling a step may spend more than rollouts_per_step
+        while step < end and rollouts_done + config.rollouts_per_step <= config.max_rollouts:
             stop = should_stop is not None and should_stop()
             if stop if not parallel else distributed.any_rank(stop):
                 logger.info("weight stage: stopped before step %d by should_stop", step + 1)
                 break
             t0 = time.perf_counter()
-            indices = cursor.take(config.examples_per_step)  # the same global batch on every rank
-            if parallel:
-                indices = distributed.shard(indices, rank, world)
-            batch = [trainset[i] for i in indices]
-            rollouts = run_rollouts(
-                program, batch, lm, metric, config.num_generations,
-                format_failure_score=config.format_failure_score,
-                num_threads=1 if config.deterministic else config.num_threads,
-                tag=(config.seed, step) if not parallel else (config.seed, step, rank),
-            )
+            # Sample G rollouts of each of the next examples_per_step examples. With dynamic sampling (DAPO), an
+            # example whose G rollouts all scored the same teaches nothing: the cursor passes over it at its next
+            # turn, and more examples are sampled until examples_per_step of them teach, the step has drawn twice
+            # examples_per_step, or the budget is spent. Every rollout sampled counts in the budget.
+            rollouts: list[Rollout] = []
+            drawn, informative, skipped_before = 0, 0, cursor.skipped
+            wanted = config.examples_per_step
+            while wanted > 0:
+                indices = cursor.take(wanted)  # the same global indices on every rank
+                local = distributed.shard(indices, rank, world) if parallel else indices
+                first = len(rollouts) // config.num_generations  # this rank's examples so far in this step
+                new = run_rollouts(
+                    program, [trainset[i] for i in local], lm, metric, config.num_generations,
+                    format_failure_score=config.format_failure_score,
+                    num_threads=1 if config.deterministic else config.num_threads,
+                    tag=(config.seed, step) if not parallel else (config.seed, step, rank), first_index=first,
+                )
+                rollouts += new
+                drawn += len(indices)
+                if not config.dynamic_sampling:
+                    break
+                flat = [local[i - first] for i in flat_examples(new)]
+                if parallel:  # every rank marks every rank's flat examples: the cursors stay identical
+                    flat = [i for rank_flat in distributed.gather_objects(flat) for i in rank_flat]
+                cursor.skip.update(flat)
+                informative += len(indices) - len(flat)
+                affordable = (config.max_rollouts - rollouts_done) // config.num_generations - drawn
+                wanted = min(config.examples_per_step - informative, 2 * config.examples_per_step - drawn, affordable)
             t1 = time.perf_counter()
             summary = _summary(rollouts)
             rows, adv_stats = compute_advantages(rollouts, name_of, local_scale, eps=ADVANTAGE_EPS)
-            n_rows = len(rows)
+            n_rows, tokens_trained = len(rows), sum(len(r.completion_ids) for r in rows)
             if parallel:
                 summary = _merge(distributed.gather_objects(summary))
                 if config.scale_rewards == "batch":
                     rewards = summary["rewards"]
                     divisor = (statistics.pstdev(rewards) if len(rewards) > 1 else 0.0) + ADVANTAGE_EPS
                     rows = [dataclasses.replace(r, advantage=r.advantage / divisor) for r in rows]
-                adv_stats = AdvantageStats(*(int(v) for v in distributed.all_reduce(dataclasses.astuple(adv_stats))))
+                *counts, tokens_trained = (int(v) for v in distributed.all_reduce(
+                    [*dataclasses.astuple(adv_stats), tokens_trained]))
+                adv_stats = AdvantageStats(*counts)
                 n_rows = adv_stats.rows
             update: dict[str, Any] = {}
             if n_rows:  # every rank takes part in the update when any rank has rows (DDP and TRL's metrics)
@@ -288,7 +331,8 @@ def train_weights(
             events += step_events
             metrics.update(step=step + 1, rollouts=rollouts_done, total_lm_calls=calls_done,
                            adapter_version=policy.version, seconds_rollout=seconds[0], seconds_update=seconds[1],
-                           guard_events=len(step_events))
+                           guard_events=len(step_events), examples_sampled=drawn,
+                           examples_skipped=cursor.skipped - skipped_before, tokens_trained=tokens_trained)
             history.append(metrics)
             for callback in callbacks:
                 callback(metrics)
@@ -307,6 +351,7 @@ def train_weights(
                         trainer_state=trainer_state)
                 if parallel:  # nobody moves on (or returns and reads it) before the checkpoint is complete
                     distributed.barrier()
+            step += 1
     finally:
         if bar is not None:
             bar.close()
