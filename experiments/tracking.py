@@ -55,6 +55,7 @@ from typing import Any
 from filelock import FileLock
 
 from optimizers.callbacks import OptimizeCallback
+from optimizers.run_folder import process_alive
 from optimizers.tune import sqlite_file
 
 logger = logging.getLogger(__name__)
@@ -184,21 +185,6 @@ def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
 # --- runs left RUNNING by a dead process -------------------------------------------------------------
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host still runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _abandon(client: Any, run: Any, why: str) -> None:
     from mlflow.entities import RunTag
 
@@ -233,7 +219,7 @@ def close_abandoned_runs(tracking_uri: str, experiment: str) -> list[str]:
     for run in _running(client, found.experiment_id):
         tags = run.data.tags
         pid = tags.get(PID_TAG, "")
-        if tags.get(HOST_TAG) != host or not pid.isdigit() or _process_alive(int(pid)):
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or process_alive(int(pid)):
             continue
         _abandon(client, run, f"abandoned: process {pid} on {host} ended without closing this run (killed?); "
                               "marked FAILED by cotune compare")

@@ -114,7 +114,7 @@ class RunLock:
         who = f"pid {pid} on host {host}, since {holder.get('started')}" if pid else "a process that wrote no pid yet"
         message = (f"{str(self.root)!r} is in use by another cotune process ({who}); wait for it to end or stop it, "
                    "or choose another output_dir")
-        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+        if host == socket.gethostname() and isinstance(pid, int) and not process_alive(pid):
             message += f" (pid {pid} is gone, but a process it started still holds {LOCK_FILE}: stop that one)"
         return message
 
@@ -134,14 +134,19 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        return True  # another user's process
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 # --- opening a run folder ---------------------------------------------------------------------------
