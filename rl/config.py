@@ -3,12 +3,79 @@
 Why one dataclass: the same object feeds the Python API, the experiment YAML, Optuna's search space and
 MLflow's params (``asdict``), as TRL's own ``<method>_config.py`` does. The budget is in *rollouts*
 (program executions), the currency shared with prompt stages, so arms compare at equal cost.
+
+Why model-aware defaults live here too: no single learning rate suits every model (2e-5 is right for a 0.5B
+model and moves the 0.9M-parameter embedded model not at all), so a model folder may carry its recommended stage
+settings in ``cotune.json`` (:func:`read_model_settings`), as ``generation_config.json`` carries generation
+defaults, and a model without one gets :func:`lora_learning_rate` from its width. ``optimizers.optimize`` merges
+them under whatever the user sets.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+MODEL_SETTINGS_FILE = "cotune.json"
+MODEL_SETTINGS_SECTIONS = ("weights", "self_training", "prompt")
+
+
+class ModelSettingsError(ValueError):
+    """A model folder's ``cotune.json`` is not valid JSON or has sections other than weights/self_training/prompt."""
+
+
+def read_model_settings(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """The recommended stage settings a model folder ships in ``cotune.json`` (``{}`` when it has none).
+
+    The file is ``{"weights": {...}, "self_training": {...}, "prompt": {...}}`` (every section optional), each a
+    dict of the fields of ``WeightStageConfig``, ``SelfTrainConfig`` and ``PromptStageConfig``; the fields are
+    checked where the configs are built (``optimizers.optimize``), which names the file in its error.
+
+    Raises:
+        ModelSettingsError: the file is not a JSON object of those sections, each a JSON object.
+    """
+    path = Path(folder) / MODEL_SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelSettingsError(f"{str(path)!r} is not readable JSON ({exc}); fix or delete it") from exc
+    if not isinstance(data, dict):
+        raise ModelSettingsError(f"{str(path)!r} must hold a JSON object with sections {MODEL_SETTINGS_SECTIONS}")
+    unknown = sorted(set(data) - set(MODEL_SETTINGS_SECTIONS))
+    if unknown:
+        raise ModelSettingsError(f"{str(path)!r} has unknown section(s) {unknown}; expected {MODEL_SETTINGS_SECTIONS}")
+    for name, section in data.items():
+        if not isinstance(section, dict):
+            raise ModelSettingsError(f"{str(path)!r}: section {name!r} must be a JSON object of settings")
+    return data
+
+
+def lora_learning_rate(hidden_size: int) -> float:
+    """The LoRA GRPO learning rate for a model without a ``cotune.json``, from its hidden size.
+
+    Rule: ``lr = 2e-5 * (896 / hidden_size) ** 2``, clamped to ``[1e-5, 1e-3]``.
+
+    Rationale: the two points we trust are the embedded tiny model (hidden 128), where 5e-4..1e-3 learns and
+    2e-5 changes nothing in 2,368 rollouts (measured), and Qwen2.5-0.5B (hidden 896), where 2e-5 is the usual LoRA
+    GRPO rate. An inverse-square law in the width passes through both (a narrow model's LoRA update moves each
+    output less, so it needs a larger step). Above 0.5B the law falls below the range LoRA RL is run at (TRL's 1e-6
+    is for full fine-tuning; LoRA wants about 10x more, 1e-5..5e-5), so the rate is floored at 1e-5; it is capped
+    at 1e-3, the largest rate measured to train the tiny model stably.
+
+    Values: hidden 128 (tiny) 9.8e-4; 896 (0.5B) 2e-5; 1536 (1.5B) 1e-5 (the law alone gives 6.8e-6);
+    3584 (7B) 1e-5 (the law alone gives 1.25e-6).
+
+    Example:
+        >>> [f"{lora_learning_rate(h):.1e}" for h in (128, 896, 1536, 3584)]
+        ['9.8e-04', '2.0e-05', '1.0e-05', '1.0e-05']
+    """
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+    return min(1e-3, max(1e-5, 2e-5 * (896 / hidden_size) ** 2))
 
 
 @dataclass
@@ -35,7 +102,8 @@ class WeightStageConfig:
     format_failure_score: float = field(default=0.0, metadata={"help": "reward of a run that failed to parse/raised"})
     scale_rewards: Literal["group", "batch", "none"] = "group"
     # optimisation (TRL GRPO loss)
-    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW lr for the LoRA adapter (TRL's 1e-6 is for full fine-tuning)"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW lr for the LoRA adapter (TRL's 1e-6 is for full "
+                                                             "fine-tuning); optimize() defaults it from the model"})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient against the adapter-free base model"})
     epsilon: float = field(default=0.2, metadata={"help": "PPO-style clip range"})
     loss_type: str = field(default="dapo", metadata={"help": "TRL loss aggregation: dapo, grpo, dr_grpo, bnpo"})

@@ -268,6 +268,24 @@ class Policy:
         """Release what the engine holds (a vLLM server this policy started); the model stays usable."""
         getattr(self.engine, "close", lambda: None)()
 
+    # --- recommended stage settings -------------------------------------------------------------
+
+    def recommended_settings(self) -> dict[str, dict[str, Any]]:
+        """The stage settings the model folder recommends in its ``cotune.json`` (``{}`` when it has none).
+
+        Raises:
+            rl.config.ModelSettingsError: the file is there but is not a JSON object of settings sections.
+        """
+        from rl.config import read_model_settings
+
+        return read_model_settings(self.base_path)
+
+    @property
+    def hidden_size(self) -> int | None:
+        """The base model's hidden size (what :func:`rl.config.lora_learning_rate` sizes the rate by)."""
+        config = self.model.config
+        return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+
     # --- DSPy side ------------------------------------------------------------------------------
 
     @property
