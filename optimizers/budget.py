@@ -33,16 +33,9 @@ from typing import Any
 import dspy
 from dspy.utils.callback import BaseCallback
 
-from optimizers.prompt_stage import PromptStageConfig
+from optimizers.errors import BudgetError, BudgetExhausted, PromptBudgetError
+from optimizers.prompt_stage import PromptPlan, PromptStageConfig, plan_prompt_stage, program_shape
 from rl.policy import PolicyLM
-
-
-class BudgetError(ValueError):
-    """A budget that cannot pay for the schedule (the message says how much one stage needs)."""
-
-
-class BudgetExhausted(RuntimeError):
-    """Raised inside a program run when the budget is spent; the stage that hits it ends with what it has."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +108,7 @@ class Meter(BaseCallback):
     def count_only_like(self, program: dspy.Module) -> None:
         """Count only top-level runs of modules shaped like ``program`` (its copies and candidates), not e.g. the
         proposer modules MIPROv2 or GEPA call on the same LM."""
-        self._shape = _shape(program)
+        self._shape = program_shape(program)
 
     def __deepcopy__(self, memo: dict) -> Meter:  # LM and program copies share the one meter
         return self
@@ -159,7 +152,7 @@ class Meter(BaseCallback):
         """DSPy callback: a module called with no module above it is one program execution (a rollout)."""
         if self._paused or dspy.settings.caller_modules:
             return
-        if self._shape is not None and _shape(instance) != self._shape:
+        if self._shape is not None and program_shape(instance) != self._shape:
             return
         with self._lock:
             limit = self.budget.rollouts
@@ -210,14 +203,6 @@ class Meter(BaseCallback):
         return lm
 
 
-def _shape(module: Any) -> tuple:
-    """A module's class and its predictors' names and signature fields: what candidates of one program share."""
-    if not isinstance(module, dspy.Module):
-        return (type(module).__name__,)
-    predictors = tuple((name, tuple(p.signature.fields)) for name, p in module.named_predictors())
-    return (type(module).__name__, predictors)
-
-
 def _unchecked_budget(rollouts: int | None, lm_calls: int | None) -> Budget:
     """A Budget that may hold zeros (what is left), bypassing the positive-limit validation."""
     budget = object.__new__(Budget)
@@ -241,27 +226,87 @@ class MeteredLM(PolicyLM):
 
 
 def fit_prompt_config(config: PromptStageConfig, rollouts: int | None, n_train: int, n_val: int) -> PromptStageConfig:
-    """Size a prompt optimizer's own knobs so that its expected program runs fit ``rollouts``.
+    """A prompt optimizer's own knobs sized so that its program runs fit ``rollouts`` (``None``: unchanged).
 
-    Estimates (program executions): bootstrap_rs bootstraps up to ``n_train`` runs per candidate and scores
-    each of ``num_candidate_programs + 3`` candidates on the valset; GEPA's ``max_metric_calls`` *is* program
-    runs; MIPROv2 scores ``minibatch_size`` per trial (plus bootstrapping); SIMBA runs ``bsize x candidates``
-    per step. ``None`` leaves the config unchanged. The meter still enforces the exact limit.
+    The knobs of :func:`optimizers.prompt_stage.plan_prompt_stage`'s plan: bootstrap_rs's shuffled candidates,
+    MIPROv2's trials, GEPA's ``max_metric_calls``, SIMBA's steps. The meter still enforces the exact limit.
+
+    Raises:
+        PromptBudgetError: ``rollouts`` cannot buy one useful candidate.
     """
     if rollouts is None:
         return config
-    c = dataclasses.replace(config)
-    n_val = max(1, n_val)
-    if c.optimizer == "bootstrap_rs":
-        per_candidate = n_val + min(n_train, 4 * max(1, c.max_bootstrapped_demos))
-        c.num_candidate_programs = max(1, min(c.num_candidate_programs, rollouts // per_candidate - 3))
-    elif c.optimizer == "gepa":
-        c.auto, c.max_metric_calls = None, max(1, min(c.max_metric_calls or rollouts, rollouts))
-    elif c.optimizer == "mipro":
-        batch = min(c.minibatch_size, n_val)
-        trials = max(1, (rollouts - n_train - n_val) // batch)
-        c.auto, c.num_trials = None, min(c.num_trials or trials, trials)
-    elif c.optimizer == "simba":
-        bsize = min(c.minibatch_size, n_train)
-        c.max_steps = max(1, min(c.max_steps, rollouts // max(1, bsize * (c.num_candidate_programs + 1))))
-    return c
+    return plan_prompt_stage(config, rollouts, n_train, n_val).config
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one stage of a schedule will spend its share on, worked out before the run starts.
+
+    Attributes:
+        index, stage: the stage's place in the schedule (1..n) and kind (``p``, ``w``, ``s``).
+        share: rollouts the stage gets (an equal part of what the stages before it leave; None: no budget).
+        rollouts: rollouts it is expected to spend at most (None: its own settings decide).
+        text: one line, e.g. ``w: 25 GRPO steps x 16 rollouts = 400``.
+    """
+
+    index: int
+    stage: str
+    share: int | None
+    rollouts: int | None
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan_run(stages: tuple[str, ...], budget: Budget, *, prompt: PromptStageConfig, weights: Any, self_training: Any,
+             n_train: int, n_val: int, teleprompter: Any | None = None) -> list[StagePlan]:
+    """The budget plan of a schedule: each stage's share and what it buys, as the run will give them out.
+
+    Each stage gets an equal part of what is left when it starts (:meth:`Meter.share`), and what a stage is
+    planned not to spend is left to the stages after it. ``weights`` and ``self_training`` are the
+    :class:`rl.WeightStageConfig` and ``SelfTrainConfig`` of the run.
+
+    Raises:
+        PromptBudgetError: a ``p`` stage's share cannot buy one useful candidate; ``min_rollouts`` is the smallest
+            budget for the whole schedule that would.
+    """
+    plans: list[StagePlan] = []
+    left = budget.rollouts
+    for i, stage in enumerate(stages, 1):
+        share = None if left is None else left // (len(stages) - i + 1)
+        if stage == "p":
+            try:
+                plan = plan_prompt_stage(prompt, share, n_train, n_val, teleprompter=teleprompter)
+            except PromptBudgetError as exc:
+                need = exc.min_rollouts * len(stages)
+                raise PromptBudgetError(
+                    f"budget of {budget.rollouts} rollouts gives stage {i} (p) a share of {share}, which cannot buy "
+                    f"one useful prompt candidate: {exc.reason}. The smallest budget for {' -> '.join(stages)} that "
+                    f"buys it is {need} rollouts; or lower prompt.minibatch_size (now {prompt.minibatch_size}: the "
+                    f"fewest val examples a candidate is scored on)", min_rollouts=need, reason=exc.reason) from exc
+            spend, text = plan.cost, f"p: {plan.describe()}"
+        elif stage == "w":
+            steps = weights.max_steps if share is None else share // weights.rollouts_per_step
+            spend = steps * weights.rollouts_per_step
+            text = (f"w: {steps} GRPO steps x {weights.rollouts_per_step} rollouts ({weights.examples_per_step} "
+                    f"examples x {weights.num_generations} generations, lr {weights.learning_rate:g}) = {spend}")
+        else:
+            spend = self_training.max_rollouts if share is None else share
+            text = (f"s: {spend // self_training.num_samples} train examples x {self_training.num_samples} samples "
+                    f"= {spend}, then fine-tune on the successful ones")
+        plans.append(StagePlan(i, stage, share, spend, text))
+        if left is not None:
+            left -= spend if spend is not None else share
+    return plans
+
+
+def describe_plan(plans: list[StagePlan], budget: Budget) -> str:
+    """The plan as the lines ``optimize()`` prints, e.g. ``budget 800 rollouts: p: ... | w: ...``."""
+    head = f"budget {budget.rollouts} rollouts" if budget.rollouts is not None else "no budget (each stage's settings)"
+    return "\n".join([head + ":"] + [f"  {p.index}. {p.text}" for p in plans])
+
+
+__all__ = ["Budget", "BudgetError", "BudgetExhausted", "Meter", "MeteredLM", "PromptBudgetError", "PromptPlan",
+           "Spend", "StagePlan", "describe_plan", "fit_prompt_config", "plan_run"]

@@ -14,6 +14,37 @@ class OptimizeError(ValueError):
     """``optimize()`` was called with inputs it cannot run on (the message names the argument and the fix)."""
 
 
+class FieldsNotProducedError(OptimizeError):
+    """The untuned program almost never parses on the policy: the model cannot produce its output fields.
+
+    Raised by ``optimize()`` before any budget is spent (a stage could not learn from runs that all fail the same
+    way). Attributes: ``parsed`` and ``tried`` (program runs on the first train examples), ``fields`` (each
+    predictor's signature), ``first_error``.
+    """
+
+    def __init__(self, message: str, *, parsed: int, tried: int, fields: dict[str, str], first_error: str) -> None:
+        super().__init__(message)
+        self.parsed, self.tried, self.fields, self.first_error = parsed, tried, fields, first_error
+
+
+class BudgetError(ValueError):
+    """A budget that cannot pay for the schedule (the message says how much one stage needs)."""
+
+
+class PromptBudgetError(BudgetError):
+    """A prompt stage's share cannot buy one useful candidate (the untuned program and one other, each scored on
+    ``minibatch_size`` val examples). Raised before anything is spent; ``min_rollouts`` is the smallest budget (for
+    the whole run, when raised by ``optimize()``) that would."""
+
+    def __init__(self, message: str, *, min_rollouts: int, reason: str = "") -> None:
+        super().__init__(message)
+        self.min_rollouts, self.reason = min_rollouts, reason or message
+
+
+class BudgetExhausted(RuntimeError):
+    """Raised inside a program run when the budget is spent; the stage that hits it ends with what it has."""
+
+
 class OutputDirError(OptimizeError):
     """The output folder cannot be used for this run.
 

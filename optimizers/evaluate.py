@@ -1,8 +1,14 @@
-"""Evaluation of a program on the valset after every stage, with ``dspy.Evaluate`` (threads).
+"""Evaluation of a program on the valset after every stage, with ``dspy.Evaluate`` (threads), and the up-front
+check that the model can produce the program's fields at all.
 
 Why a wrapper: ``dspy.Evaluate`` returns one float per example and turns a metric that raises into a silent
 0. We need the rubric's per-component means (for logging), the gold metric on the *same* predictions (for
 the reward-hacking guard), and a clear error when the metric is broken rather than a quietly low score.
+
+Why the parse check (:func:`check_parses`): a model that never produces a program's output fields (the embedded
+tiny model only knows ``question -> answer``: ``Predict("text -> digit")`` parses 0 of 100) makes every stage
+spend its budget on runs that all fail alike, from which neither a prompt optimizer nor GRPO can learn. A dozen
+runs tell that before any budget is spent.
 """
 
 from __future__ import annotations
@@ -31,6 +37,47 @@ class Evaluation:
     gold: float | None
     errors: int
     rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ParseCheck:
+    """How many of ``tried`` program runs returned without an error (a parse failure or any exception)."""
+
+    parsed: int
+    tried: int
+    first_error: str
+
+    @property
+    def rate(self) -> float:
+        return self.parsed / max(1, self.tried)
+
+
+def check_parses(program: dspy.Module, examples: Sequence[dspy.Example], lm: dspy.LM, *,
+                 num_threads: int = 8) -> ParseCheck:
+    """Run ``program`` once on each example at the LM's settings and count the runs that did not raise.
+
+    The outputs are not scored: this only asks whether the model produces the program's fields.
+    """
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def run(example: dspy.Example) -> bool:
+        try:
+            program(**example.inputs())
+        except Exception as exc:  # noqa: BLE001 - any failure is a run that did not parse; the first is reported
+            with lock:
+                errors.append(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:400])
+            return False
+        return True
+
+    examples = list(examples)
+    executor = ParallelExecutor(num_threads=num_threads, max_errors=len(examples) + 1, disable_progress_bar=True)
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        results = executor.execute(run, examples)
+    return ParseCheck(parsed=sum(r is True for r in results), tried=len(examples),
+                      first_error=errors[0] if errors else "")
 
 
 def _short(example: dspy.Example, limit: int = 100) -> str:

@@ -1,6 +1,9 @@
 """``optimize()``: the outer loop that alternates prompt and weight stages under one metric. Reads top to bottom.
 
-validate inputs -> prepare the run folder -> evaluate the untuned program (stage 0) -> for each stage of the
+validate inputs -> settings (the user's, else the model folder's ``cotune.json``, else a size rule: see
+optimizers.settings) -> the budget plan (what each stage's share buys; printed, and kept in the params) -> check that
+the model can produce the program's fields at all -> prepare the run folder -> evaluate the untuned program
+(stage 0) -> for each stage of the
 schedule: give it its share of the remaining budget, run it (``p``: a DSPy prompt optimizer on the current
 adapter; ``w``: GRPO on the LoRA adapter with the current prompts; ``s``: fine-tune on the program's own
 successful traces), evaluate on the valset, save the stage (program state + adapter + record), keep the best
@@ -50,11 +53,18 @@ import torch
 
 from metrics import as_rubric
 from metrics.guards import GoldGuard
-from optimizers.budget import Budget, BudgetError, Meter, Spend, fit_prompt_config
+from optimizers.budget import Budget, BudgetError, Meter, Spend, describe_plan, plan_run
 from optimizers.callbacks import OptimizeCallback
-from optimizers.errors import CorruptRunError, OptimizeError, OutputDirError, RunLockedError
-from optimizers.evaluate import evaluate
-from optimizers.prompt_stage import PromptStageConfig, run_prompt_stage
+from optimizers.errors import (
+    CorruptRunError,
+    FieldsNotProducedError,
+    OptimizeError,
+    OutputDirError,
+    PromptBudgetError,
+    RunLockedError,
+)
+from optimizers.evaluate import check_parses, evaluate
+from optimizers.prompt_stage import PromptStageConfig, prompt_stage
 from optimizers.result import (
     ADAPTER,
     MANIFEST,
@@ -70,6 +80,7 @@ from optimizers.result import (
 )
 from optimizers.run_folder import RunLock, open_run_folder, set_status, stage_dir
 from optimizers.schedule import arm_of, format_schedule, parse_schedule
+from optimizers.settings import resolve_settings
 from rl import distributed
 from rl.atomic import atomic_dir
 from rl.config import WeightStageConfig
@@ -77,7 +88,10 @@ from rl.self_train import SelfTrainConfig, self_train
 from rl.weight_stage import _check_trainset, train_weights
 
 logger = logging.getLogger(__name__)
-__all__ = ["CorruptRunError", "OptimizeError", "OutputDirError", "RunLockedError", "optimize"]
+__all__ = ["CorruptRunError", "FieldsNotProducedError", "OptimizeError", "OutputDirError", "RunLockedError", "optimize"]
+
+FIELDS_CHECK_EXAMPLES = 16  # train examples the untuned program is run on before anything is spent
+FIELDS_CHECK_MIN_RATE = 0.2  # below this parse rate the model cannot produce the program's fields
 
 
 def optimize(
@@ -105,6 +119,7 @@ def optimize(
     progress: bool = True,
     callbacks: Sequence[OptimizeCallback] = (),
     tags: dict[str, Any] | None = None,
+    check_fields: bool = True,
 ) -> OptimizeResult:
     """Co-optimize the prompts and the LoRA weights of ``program`` under one metric.
 
@@ -118,6 +133,9 @@ def optimize(
         prompt: :class:`PromptStageConfig` (or a dict of its fields) for ``p`` stages.
         weights: :class:`rl.WeightStageConfig` (or dict) for ``w`` stages.
         self_training: :class:`rl.self_train.SelfTrainConfig` (or dict) for ``s`` stages.
+            Settings left out of a dict come from the model folder's ``cotune.json``, else (the weight stage's
+            learning rate) from :func:`rl.config.lora_learning_rate`, else the class default; a config object is
+            taken whole. ``params["settings_sources"]`` records which setting came from where.
         budget: limit for the whole run in rollouts (int) or ``{"rollouts": R, "lm_calls": C}``; each stage gets
             an equal share of what is left. ``None``: each stage's own config decides.
         teleprompter: any DSPy teleprompter instance to use for ``p`` stages instead of ``prompt.optimizer``.
@@ -136,6 +154,9 @@ def optimize(
         progress: show progress bars.
         callbacks: :class:`OptimizeCallback` objects (MLflow tracking, Optuna pruning, ...).
         tags: free-form labels recorded in the params (e.g. ``{"task": "gsm"}``).
+        check_fields: before anything is spent, run the untuned program on up to 16 train examples and refuse
+            when fewer than 20% parse (:class:`FieldsNotProducedError`); ``False`` skips the check (smoke tests
+            of programs the model is known not to parse).
 
     Returns:
         An :class:`OptimizeResult`: the best program (bound to the policy with the best adapter loaded), the
@@ -143,7 +164,11 @@ def optimize(
 
     Raises:
         OptimizeError: bad schedule, empty trainset/valset, missing valset, a non-callable metric, bad configs.
-        BudgetError: a budget too small for one step of a stage.
+        rl.config.ModelSettingsError: the model folder's ``cotune.json`` is unreadable or has a bad setting.
+        BudgetError: a budget too small for one step of a stage; :class:`PromptBudgetError` when a ``p`` stage's
+            share cannot buy one useful candidate (it names the smallest budget that would).
+        FieldsNotProducedError: the untuned program parses on fewer than 20% of the first train examples: the
+            model cannot produce the program's fields (raised before any budget is spent).
         OutputDirError: ``output_dir`` is a file, not writable, holds other files, or holds a run and neither
             ``resume`` nor ``overwrite`` was passed; on resume: the run had other settings (named) or is completed.
         RunLockedError: another process is running ``output_dir`` (its pid and host are named).
@@ -157,8 +182,8 @@ def optimize(
         >>> from programs.tasks import last_digit
         >>> result = optimize(                                                     # doctest: +SKIP
         ...     last_digit.predict_program(), last_digit.load("train", 64), last_digit.load("val", 64),
-        ...     metric=last_digit.correct, policy=tiny_policy(), schedule="p -> w",
-        ...     weights={"learning_rate": 1e-3, "max_tokens": 16}, budget=1200, output_dir="runs/demo")
+        ...     metric=last_digit.correct, policy=tiny_policy(), schedule="p -> w", budget=800,
+        ...     output_dir="runs/demo")                                               # settings: the model's
         >>> [(r.name, round(r.val_score, 2)) for r in result.history]             # doctest: +SKIP
         [('0-baseline', 0.42), ('1-p', 0.97), ('2-w', 1.0)]
         >>> answer = result.program(question="What is the last digit of 1234567?").answer  # doctest: +SKIP
@@ -176,17 +201,26 @@ def optimize(
                             "programs.embedded.tiny_policy())")
     _check_bindings(program, policy)
     rubric = as_rubric(metric)
-    prompt_cfg = _coerce(prompt, PromptStageConfig, "prompt", seed=seed)
-    weights_cfg = _coerce(weights, WeightStageConfig, "weights", seed=seed)
-    self_cfg = _coerce(self_training, SelfTrainConfig, "self_training", seed=seed)
+    settings = resolve_settings(policy, prompt=prompt, weights=weights, self_training=self_training, seed=seed)
+    prompt_cfg, weights_cfg, self_cfg = settings.prompt, settings.weights, settings.self_training
     budget = Budget.coerce(budget)
     _check_budget(stages, budget, weights_cfg, self_cfg)
+    plan = plan_run(stages, budget, prompt=prompt_cfg, weights=weights_cfg, self_training=self_cfg,
+                    n_train=len(trainset), n_val=len(valset), teleprompter=teleprompter)
+    if progress:
+        print("[cotune] plan: " + describe_plan(plan, budget), flush=True)
+    logger.info("plan: %s", describe_plan(plan, budget))
+    eval_max_tokens = eval_max_tokens or weights_cfg.max_tokens
+    if check_fields:
+        distributed.on_main(_check_fields, program, trainset, policy, eval_max_tokens, eval_threads)
 
     params = {
         "schedule": format_schedule(stages), "arm": arm_of(stages), "seed": seed,
         "budget": dataclasses.asdict(budget), "prompt": dataclasses.asdict(prompt_cfg),
         "teleprompter": type(teleprompter).__name__ if teleprompter is not None else None,
         "weights": weights_cfg.to_dict(), "self_training": self_cfg.to_dict(), "lora": dataclasses.asdict(policy.lora),
+        "settings_sources": settings.sources, "model_settings_file": settings.model_file,
+        "plan": [p.text for p in plan],
         "model": policy.name, "base_model": str(policy.base_path), "base_fingerprint": policy.base_fingerprint,
         "program_class": f"{type(program).__module__}:{type(program).__qualname__}",
         "n_train": len(trainset), "n_val": len(valset), "gold_metric": gold_metric is not None,
@@ -207,7 +241,7 @@ def optimize(
     run = RunInfo(params=params, output_dir=None if temp else root, stages=stages, arm=params["arm"], seed=seed)
     loop = _Loop(rubric=rubric, policy=policy, valset=valset, trainset=trainset, run=run, root=root,
                  callbacks=callbacks, gold=gold,
-                 eval_threads=eval_threads, eval_max_tokens=eval_max_tokens or weights_cfg.max_tokens,
+                 eval_threads=eval_threads, eval_max_tokens=eval_max_tokens,
                  progress=progress)
     try:
         distributed.on_main(_notify, callbacks, "on_run_start", run)
@@ -291,27 +325,27 @@ class _Loop:
 
     def _prompt_stage(self, current, share, config, teleprompter, prompt_lm, reflection_lm):
         """Run the prompt optimizer (on rank 0 alone); under several processes the program travels as its state."""
-        config = fit_prompt_config(config, share.rollouts, len(self.trainset), len(self.valset))
+        name = type(teleprompter).__name__ if teleprompter is not None else config.optimizer
         stage_meter = Meter(share)
         stage_meter.count_only_like(current)
         lm = stage_meter.lm(self.policy, temperature=0.0, max_tokens=self.eval_max_tokens, cache=False)
-        bar = _bar(self.progress, share.rollouts, f"prompt stage ({type(teleprompter).__name__ if teleprompter else config.optimizer})")
+        bar = _bar(self.progress, share.rollouts, f"prompt stage ({name})")
         stage_meter.on_rollout = (lambda: bar.update(1)) if bar is not None else None
-        note = ""
+        details: dict[str, Any] = {"optimizer": name, "share": dataclasses.asdict(share)}
         try:
             with stage_meter.metering():
-                current = run_prompt_stage(current, self.trainset, self.valset, self.rubric, lm=lm, config=config,
-                                           teleprompter=teleprompter, prompt_lm=prompt_lm, reflection_lm=reflection_lm)
-        except Exception as exc:
-            if not stage_meter.exhausted:
-                raise
-            note = f"budget share spent inside the optimizer ({type(exc).__name__}); kept the previous program"
-            logger.warning("prompt stage: %s", note)
+                outcome = prompt_stage(current, self.trainset, self.valset, self.rubric, lm=lm, config=config,
+                                       rollouts=share.rollouts, teleprompter=teleprompter, prompt_lm=prompt_lm,
+                                       reflection_lm=reflection_lm)
+            current, note = outcome.program, outcome.note
+            details.update(config=dataclasses.asdict(outcome.plan.config), **outcome.details())
+        except PromptBudgetError as exc:  # what earlier stages left cannot buy a candidate: nothing was spent
+            note = f"skipped: {exc}"
+            logger.warning("prompt stage %s", note)
+            details["config"] = dataclasses.asdict(config)
         finally:
             if bar is not None:
                 bar.close()
-        details = {"optimizer": config.optimizer if teleprompter is None else type(teleprompter).__name__,
-                   "config": dataclasses.asdict(config), "share": dataclasses.asdict(share)}
         spent = (stage_meter.spent.rollouts, stage_meter.spent.lm_calls)
         return (program_state(current) if distributed.is_distributed() else current), details, note, spent
 
@@ -548,21 +582,25 @@ def _check_bindings(program: dspy.Module, policy: Any) -> None:
                                 "runs every predictor on the policy: call program.set_lm(None) first")
 
 
-def _coerce(value, cls, name: str, seed: int):
-    if value is None:
-        value = {}
-    if isinstance(value, dict):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(value) - fields
-        if unknown:
-            raise OptimizeError(f"{name}: unknown setting(s) {sorted(unknown)}; {cls.__name__} has {sorted(fields)}")
-        try:
-            value = cls(**{"seed": seed, **value})
-        except (TypeError, ValueError) as exc:
-            raise OptimizeError(f"{name}: {exc}") from exc
-    if not isinstance(value, cls):
-        raise OptimizeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
-    return value
+def _check_fields(program: dspy.Module, trainset: list, policy: Any, max_tokens: int, threads: int) -> None:
+    """Refuse a program the model cannot produce: the untuned program must parse on 20% of the first train examples."""
+    examples = trainset[:FIELDS_CHECK_EXAMPLES]
+    lm = policy.lm(temperature=0.0, max_tokens=max_tokens, cache=False)
+    check = check_parses(program, examples, lm, num_threads=min(threads, len(examples)))
+    if check.rate >= FIELDS_CHECK_MIN_RATE:
+        return
+    fields = {name or "self": _signature_text(p.signature) for name, p in program.named_predictors()}
+    listed = "; ".join(f"{name}: {sig}" for name, sig in fields.items())
+    raise FieldsNotProducedError(
+        f"the model cannot produce these fields: {listed} -- the untuned program parsed {check.parsed}/{check.tried} "
+        f"of the first train examples at temperature 0, so no stage could learn from its runs (first failure: "
+        f"{check.first_error}). Use field names and instructions the model was trained on, a model that follows "
+        f"the format, or pass check_fields=False to run anyway", parsed=check.parsed, tried=check.tried,
+        fields=fields, first_error=check.first_error)
+
+
+def _signature_text(signature: Any) -> str:
+    return f"{', '.join(signature.input_fields)} -> {', '.join(signature.output_fields)}"
 
 
 def _check_budget(stages, budget: Budget, weights: WeightStageConfig, self_cfg: SelfTrainConfig) -> None:

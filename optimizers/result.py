@@ -2,7 +2,8 @@
 
 A saved bundle is a plain folder that outlives cotune's Python objects::
 
-    manifest.json        base model + fingerprint, schedule, budget and spend, val score per stage, versions, seed
+    manifest.json        base model + fingerprint, schedule, budget and spend, val score per stage, versions, seed,
+                         where each stage setting came from (user / model file / rule) and the budget plan
     program.json         the optimized program's DSPy state (instructions, demos): ``program.load(...)``
     adapter/             a standard PEFT folder (adapter_config.json + adapter_model.safetensors)
     merged/              (export --merged only) the adapter merged into full weights, a plain HF model folder
@@ -208,6 +209,9 @@ def build_manifest(params: dict[str, Any], history: list[StageRecord], best_inde
         "val_scores": {r.name: r.val_score for r in history},
         "gold_scores": {r.name: r.gold_score for r in history if r.gold_score is not None},
         "program_class": params.get("program_class"),
+        "settings_sources": params.get("settings_sources"),  # user / model (cotune.json) / rule, per setting
+        "model_settings_file": params.get("model_settings_file"),
+        "plan": params.get("plan"),  # what each stage's share was planned to buy
         "params": params,
         "versions": library_versions(),
     })
