@@ -74,8 +74,9 @@ class PromptStageConfig:
         max_bootstrapped_demos: Demos bootstrapped from the program's own successful traces (per predictor;
             SIMBA's ``max_demos``).
         max_labeled_demos: Demos taken straight from the trainset labels (bootstrap_rs, mipro).
-        num_candidate_programs: Candidate programs tried by bootstrap_rs; MIPROv2's ``num_candidates`` when
-            ``auto`` is None; SIMBA's candidates per step.
+        num_candidate_programs: bootstrap_rs: seed-shuffled bootstraps tried besides the program as it is,
+            labelled demos and the unshuffled bootstrap (fewer when the share cannot pay for them); MIPROv2's
+            ``num_candidates`` when ``auto`` is None; SIMBA's candidates per step.
         auto: MIPROv2 / GEPA budget preset (``"light"``, ``"medium"``, ``"heavy"``); None uses ``num_trials``
             (mipro) or ``max_metric_calls`` (gepa).
         num_trials: MIPROv2 Bayesian-optimisation trials (required for mipro when ``auto`` is None).

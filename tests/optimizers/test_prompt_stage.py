@@ -171,3 +171,56 @@ def test_simba_stage_returns_a_runnable_program(tiny_policy):
     print(f"simba: held-out accuracy {before:.0%} -> {after:.0%}; {len(compiled.demos)} demos")
     assert len(compiled.demos) > 0 and after >= before + 0.2
     _runs(compiled, lm)
+
+
+# --- failure-tolerant and budget-aware (issue 15) -----------------------------------------------------------
+
+
+class SometimesRaises(dspy.Module):
+    """A user program that raises on every number ending in 0-4 (as a parse failure or a tool error would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.solve = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        if int(question.rstrip("?").split()[-1]) % 10 < 5:
+            raise ValueError("this run failed")
+        return self.solve(question=question)
+
+
+@pytest.mark.slow
+def test_failing_runs_are_scored_and_counted_never_cancelling_the_search(tiny_policy):
+    from optimizers.prompt_stage import prompt_stage
+
+    config = PromptStageConfig("bootstrap_rs", num_candidate_programs=1, max_bootstrapped_demos=2, num_threads=8,
+                               minibatch_size=16, seed=SEED)
+    out = prompt_stage(SometimesRaises(), last_digit.load("train", 12, seed=SEED), last_digit.load("val", 40, seed=SEED),
+                       last_digit.correct, lm=_lm(tiny_policy), config=config, rollouts=150)
+    # about half of every candidate's 16+ runs raise: DSPy's Evaluate alone cancels at the 10th error
+    assert out.failures > 10 and "ValueError: this run failed" in out.first_failure
+    assert [c["candidate"] for c in out.candidates] == list(out.plan.candidate_names) and not out.note
+    assert out.plan.val_examples < 40 and out.refused == 0  # scored on a subsample of the valset
+    best = max(out.candidates, key=lambda c: c["score"])
+    assert best["demos"] == sum(len(p.demos) for p in out.program.predictors())
+
+
+@pytest.mark.slow
+def test_at_the_budget_wall_the_best_candidate_scored_so_far_is_kept(tiny_policy):
+    from optimizers import Budget
+    from optimizers.budget import Meter
+    from optimizers.prompt_stage import prompt_stage
+
+    program = last_digit.predict_program()
+    meter = Meter(Budget(rollouts=40))  # the plan is made for 200; the meter stops it after two candidates
+    meter.count_only_like(program)
+    lm = meter.lm(tiny_policy, temperature=0.0, max_tokens=24, cache=False)
+    config = PromptStageConfig("bootstrap_rs", num_candidate_programs=2, num_threads=4, minibatch_size=16, seed=SEED)
+    with meter.metering():
+        out = prompt_stage(program, last_digit.load("train", 12, seed=SEED), last_digit.load("val", 16, seed=SEED),
+                           last_digit.correct, lm=lm, config=config, rollouts=200)
+    assert meter.spent.rollouts == 40 and out.refused > 0
+    assert [c["candidate"] for c in out.candidates] == ["current", "labeled"]  # the third was cut short: unscored
+    assert "budget share spent after 2 of 5 candidates; kept the best scored before it" in out.note
+    scores = {c["candidate"]: c["score"] for c in out.candidates}
+    assert scores["labeled"] > scores["current"] and len(out.program.demos) == 3  # not the program it started from
