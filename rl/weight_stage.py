@@ -10,6 +10,7 @@ Dynamic sampling (``dynamic_sampling=True``, DAPO, arXiv 2503.14476): a group wh
 samples more examples until ``examples_per_step`` groups teach (at most twice as many examples per step, within the
 budget), and the cursor passes over a flat example once, at its next turn, instead of paying for it again. Every
 rollout sampled is counted in the budget, so at equal budget it makes fewer optimizer steps, each on full batches.
+It is off by default: on the embedded tasks it bought no val gain per rollout (``benchmarks/dynamic_sampling.py``).
 
 Example:
     >>> from rl import Policy, WeightStageConfig, train_weights                            # doctest: +SKIP
