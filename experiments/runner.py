@@ -129,6 +129,10 @@ class ProgressPrinter(OptimizeCallback):
     def _print(self, text: str) -> None:
         print(f"{self.prefix}{text}", file=self.out, flush=True)
 
+    def on_run_start(self, run) -> None:
+        for line in (run.params or {}).get("plan", []):  # what each stage's share of the budget buys
+            self._print(f"plan: {line}")
+
     def on_stage_start(self, run, index, stage) -> None:
         if index > 0:
             self._print(f"stage {index}-{stage} ({STAGE_WORDS.get(stage, stage)}) ...")

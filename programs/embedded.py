@@ -37,6 +37,7 @@ WARMSTART_EXAMPLES = 20_000
 SHIPPED_DIR = Path(__file__).parent / "models" / TINY_NAME
 SHIPPED_SEED = 0
 INFO_FILE = "build_info.json"
+SETTINGS_FILE = "cotune.json"  # recommended stage settings (rl.policy reads it), measured on the shipped weights
 
 
 class EmbeddedModelError(RuntimeError):
@@ -111,16 +112,22 @@ def recipe_build_dir(seed: int = SHIPPED_SEED) -> Path:
 
 
 def ship_tiny_model(build: str | Path, dest: str | Path = SHIPPED_DIR) -> Path:
-    """Copy a recipe build into the package (``dest``) with the sha256 of every file in its ``build_info.json``."""
+    """Copy a recipe build into the package (``dest``) with the sha256 of every file in its ``build_info.json``.
+
+    The shipped ``cotune.json`` (stage settings measured on the shipped weights) is carried over when the build has
+    none; re-measure it after shipping new weights.
+    """
     build, dest = Path(build), Path(dest)
-    names = sorted(p.name for p in build.iterdir() if p.is_file() and p.name != INFO_FILE)
+    sources = {p.name: p for p in build.iterdir() if p.is_file() and p.name != INFO_FILE}
+    if SETTINGS_FILE not in sources and (SHIPPED_DIR / SETTINGS_FILE).exists():
+        sources[SETTINGS_FILE] = SHIPPED_DIR / SETTINGS_FILE
     info = json.loads((build / INFO_FILE).read_text()) if (build / INFO_FILE).exists() else {}
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in names:
-        shutil.copyfile(build / name, tmp / name)
-    info["sha256"] = {name: _sha256(tmp / name) for name in names}
+    for name, source in sources.items():
+        shutil.copyfile(source, tmp / name)
+    info["sha256"] = {name: _sha256(tmp / name) for name in sorted(sources)}
     info["built_on"] = _machine()
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     if dest.exists():

@@ -104,7 +104,8 @@ class WeightStageConfig:
     # optimisation (TRL GRPO loss)
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW lr for the LoRA adapter (TRL's 1e-6 is for full "
                                                              "fine-tuning); optimize() defaults it from the model"})
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient against the adapter-free base model"})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient against the adapter as it was when the stage started (TRL's "
+                                                          "frozen 'ref' copy; the base model only while that adapter is fresh)"})
     epsilon: float = field(default=0.2, metadata={"help": "PPO-style clip range"})
     loss_type: str = field(default="dapo", metadata={"help": "TRL loss aggregation: dapo, grpo, dr_grpo, bnpo"})
     micro_batch_size: int = field(default=16, metadata={"help": "rows per forward/backward; a step accumulates all its rows"})
@@ -140,6 +141,9 @@ class WeightStageConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.micro_batch_size < 1 or self.num_iterations < 1:
             raise ValueError("micro_batch_size and num_iterations must be >= 1")
+        if self.micro_batch_size % 2:
+            raise ValueError(f"micro_batch_size must be even, got {self.micro_batch_size}: TRL's GRPO loss (rl/grpo.py) "
+                             "is built with 2 generations per prompt and refuses an odd batch")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (save every K steps; 0: no checkpoints), "
                              f"got {self.checkpoint_every}")

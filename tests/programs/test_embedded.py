@@ -19,12 +19,14 @@ def test_shipped_model_files_match_their_recorded_hashes():
     path = embedded.tiny_model_path()
     assert path == embedded.SHIPPED_DIR
     info = json.loads((path / embedded.INFO_FILE).read_text())
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(info["sha256"])
+    assert {"model.safetensors", "config.json", "tokenizer.json", "cotune.json"} <= set(info["sha256"])
     assert info["recipe"]["seed"] == embedded.SHIPPED_SEED
 
 
 def test_a_changed_or_missing_shipped_file_is_a_clear_error(tmp_path, monkeypatch):
-    copy = embedded.ship_tiny_model(embedded.SHIPPED_DIR, tmp_path / "m")
+    shipped = embedded.SHIPPED_DIR
+    copy = embedded.ship_tiny_model(shipped, tmp_path / "m")
+    assert (copy / "cotune.json").read_bytes() == (shipped / "cotune.json").read_bytes()
     monkeypatch.setattr(embedded, "SHIPPED_DIR", copy)
     assert embedded.tiny_model_path() == copy
     with open(copy / "model.safetensors", "r+b") as f:  # one flipped byte

@@ -35,7 +35,8 @@ def _smoke(task, policy, tmp_path):
     train, val = task.load("train", 4, seed=0), task.load("val", 4, seed=0)
     result = optimize(task.program(), train, val, metric=task.rubric(), policy=policy, schedule="w",
                       weights=WEIGHTS, gold_metric=task.gold_metric, seed=0, output_dir=tmp_path / "run",
-                      progress=False, eval_threads=4, tags={"task": task.name})
+                      progress=False, eval_threads=4, tags={"task": task.name},
+                      check_fields=False)  # the point is the whole loop, format failures included
     assert [r.stage for r in result.history] == ["baseline", "w"]
     assert all(0.0 <= r.val_score <= 1.0 for r in result.history)
     if task.gold_metric is not None:
@@ -52,6 +53,17 @@ def test_task_runs_through_optimize(name, options, tiny_model_dir, tmp_path):
     result = _smoke(get_task(name, **options), policy, tmp_path)
     if name.startswith("last_digit"):
         assert result.history[0].val_score > 0  # the embedded model parses its own task
+
+
+def test_a_task_the_model_cannot_format_is_refused_before_any_budget_is_spent(tiny_model_dir, tmp_path):
+    from optimizers import FieldsNotProducedError
+
+    task = get_task("react_tools", max_iters=2)
+    policy = Policy.from_pretrained(tiny_model_dir, name="tiny-refuse")
+    with pytest.raises(FieldsNotProducedError, match="cannot produce these fields"):
+        optimize(task.program(), task.load("train", 4, seed=0), task.load("val", 4, seed=0), metric=task.rubric(),
+                 policy=policy, schedule="w", weights=WEIGHTS, seed=0, output_dir=tmp_path / "run", progress=False)
+    assert policy.version == 0 and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ def test_examples_without_inputs_are_refused(fresh_policy):
     ({"num_generations": 1}, "must be >= 2"),
     ({"temperature": 0.0}, "temperature > 0"),
     ({"max_rollouts": 3}, "below one step"),
+    ({"micro_batch_size": 3}, "micro_batch_size must be even"),  # TRL would crash on it in the first update
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
