@@ -80,9 +80,12 @@ class Side:
 
 
 def _trainer_args(steps: int):
+    import torch
     from trl import GRPOConfig
 
-    return GRPOConfig(output_dir="/tmp/cotune-bench-trl", report_to="none", use_cpu=True, bf16=False,
+    # TRL runs where our policy runs (the GPU when there is one): both sides on the same device
+    return GRPOConfig(output_dir="/tmp/cotune-bench-trl", report_to="none", use_cpu=not torch.cuda.is_available(),
+                      bf16=False,
                       activation_checkpointing=False, per_device_train_batch_size=PROMPTS * G, num_generations=G,
                       max_completion_length=MAX_TOKENS, learning_rate=LR, beta=0.0, temperature=1.0, loss_type="dapo",
                       max_steps=steps, logging_steps=1, save_strategy="no", lr_scheduler_type="constant",

@@ -143,7 +143,7 @@ class RowStopper(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         generated = input_ids.shape[1] - self.prompt_width
-        done = torch.zeros(len(self.jobs), dtype=torch.bool)
+        done = torch.zeros(len(self.jobs), dtype=torch.bool, device=input_ids.device)  # where generate keeps its flags
         for i, job in enumerate(self.jobs):
             if self.ended_at[i] is not None:
                 done[i] = True

@@ -70,14 +70,14 @@ def _logps(policy, rows: list[Row], adapter: bool = True) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for r in rows:
-            ids = torch.tensor([list(r.prompt_ids) + list(r.completion_ids)])
+            ids = torch.tensor([list(r.prompt_ids) + list(r.completion_ids)], device=policy.device)
             if adapter:
                 logits = policy.model(input_ids=ids).logits
             else:
                 with policy.model.disable_adapter():
                     logits = policy.model(input_ids=ids).logits
             logits = logits[0, len(r.prompt_ids) - 1 : -1].float()
-            out.append(logits.log_softmax(-1).gather(-1, ids[0, len(r.prompt_ids) :, None])[:, 0])
+            out.append(logits.log_softmax(-1).gather(-1, ids[0, len(r.prompt_ids) :, None])[:, 0].cpu())
     return out
 
 

@@ -143,7 +143,7 @@ def test_rollouts_record_every_call_of_loops_and_react(tiny_policy):
 
 
 def _logprob(policy, call) -> float:
-    ids = torch.tensor([list(call.prompt_ids) + list(call.completion_ids)])
+    ids = torch.tensor([list(call.prompt_ids) + list(call.completion_ids)], device=policy.device)
     with torch.no_grad():
         logits = policy.model(input_ids=ids).logits[0, len(call.prompt_ids) - 1 : -1]
     return float(torch.log_softmax(logits.float(), -1).gather(1, ids[0, len(call.prompt_ids):, None]).sum())
@@ -260,8 +260,9 @@ def test_importance_sampling_drops_rows_the_sampler_made_unlikely(tiny_model_dir
     with torch.no_grad():  # the trainer's own log-probs at temperature 1 (what a faithful sampler reports)
         logps = []
         for prompt, completion in pairs:
-            logits = policies[0].model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
-            logps.append(logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist())
+            ids = torch.tensor([prompt + completion], device=policies[0].device)
+            logits = policies[0].model(ids).logits[0, len(prompt) - 1 : -1]
+            logps.append(logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0].tolist())
     logps[3] = [v - 2.0 for v in logps[3]]  # the sampler found this completion e^(2T) times less likely: ratio > 3
     advantages = [1.0, -1.0, 0.5, -0.5]
     rows = [Row(tuple(p), tuple(c), a, 0.0, (i, "p"), False, tuple(lp))
