@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The quickstart comparison: prompt-only vs RL-only vs joint at equal budget, 3 seeds each, tracked in ./mlflow.db;
-# then the report read back from MLflow (reports/quickstart/). The tiny model ships in programs/models/.
+# then the report read back from MLflow (reports/quickstart/). The tiny model ships in embedded/weights/.
 # --resume: a second `make demo` skips the runs already completed (same settings) instead of refusing their folders.
 demo: install
 	$(VENV)/bin/cotune run experiments/quickstart.yaml --resume

@@ -33,7 +33,7 @@ import warnings
 import dspy
 import torch
 
-from programs.embedded import tiny_model_path
+from embedded import tiny_model_path
 from programs.registry import get_task
 from rl import LoraSettings, Policy, WeightStageConfig, train_weights
 

@@ -26,7 +26,7 @@ import dspy
 import torch
 from transformers import GenerationConfig
 
-from programs.embedded import tiny_policy
+from embedded import tiny_policy
 from programs.tasks import last_digit
 from rl import Policy, recording
 

@@ -314,7 +314,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     dspy.configure_cache(enable_disk_cache=False)
     if args.model is None:
-        from programs.embedded import tiny_model_path
+        from embedded import tiny_model_path
 
         args.model = str(tiny_model_path())
     examples = last_digit.load("train", PROMPTS * args.steps, seed=2)

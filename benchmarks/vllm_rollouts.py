@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.model is None:
-        from programs.embedded import tiny_model_path
+        from embedded import tiny_model_path
 
         args.model = str(tiny_model_path())
     policy = Policy.from_pretrained(args.model, name="bench")

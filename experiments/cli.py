@@ -27,7 +27,7 @@ from pathlib import Path
 def _cmd_model_build(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from programs.embedded import tiny_model_path
+    from embedded import tiny_model_path
 
     if args.name != "tiny":
         raise SystemExit(f"cotune: unknown model {args.name!r}; the embedded model is 'tiny'")
@@ -49,7 +49,7 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
         _threads(args.threads)  # for the report only: the warm-start training keeps torch's default
         _report(path, args.eval_size)
     if args.ship:
-        from programs.embedded import ship_tiny_model
+        from embedded import ship_tiny_model
 
         print(f"shipped: {ship_tiny_model(path)}")
     return 0
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     build.add_argument("--no-eval", action="store_true", help="skip the accuracy report after building")
-    build.add_argument("--ship", action="store_true", help="copy the build into programs/models/ (replaces the "
+    build.add_argument("--ship", action="store_true", help="copy the build into embedded/weights/ (replaces the "
                                                            "shipped weights; every recorded number changes)")
     build.add_argument("--eval-size", type=int, default=500, help="held-out questions for the report")
     build.add_argument("--threads", type=int, help="torch CPU threads for the report (1 is fastest for the tiny "
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     import logging
+
+    import mlflow  # noqa: F401 - importing it sets its loggers to INFO, so it must come before quieting them
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     for name in ("mlflow", "alembic", "optuna"):

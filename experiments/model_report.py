@@ -2,12 +2,12 @@
 
 Why: a user building or swapping the embedded model should see at once whether it parses DSPy's format, whether it
 leaves headroom (right only sometimes, better on short numbers, better with demos) and whether it lands in the band
-the tests and the demo rely on (``programs.embedded.band_problems``).
+the tests and the demo rely on (``embedded.band_problems``).
 """
 
 from __future__ import annotations
 
-from programs.embedded import band_problems, measure_band
+from embedded import band_problems, measure_band
 
 LABELS = {"greedy": "Predict greedy", "sampled": "Predict sampled T=1", "demos": "Predict greedy + 3 demos",
           "cot": "ChainOfThought greedy"}

@@ -95,7 +95,7 @@ def model_path(exp: Experiment, out: IO[str] | None = None) -> tuple[Path, str]:
     """The base model folder and its short name (the embedded model is built on first use)."""
     if exp.model != "tiny":
         return Path(exp.model).expanduser(), Path(exp.model).name
-    from programs.embedded import TINY_NAME, tiny_model_path
+    from embedded import TINY_NAME, tiny_model_path
 
     announced = []
 

@@ -178,7 +178,7 @@ def optimize(
 
     Example:
         >>> from optimizers import optimize                                        # doctest: +SKIP
-        >>> from programs.embedded import tiny_policy
+        >>> from embedded import tiny_policy
         >>> from programs.tasks import last_digit
         >>> result = optimize(                                                     # doctest: +SKIP
         ...     last_digit.predict_program(), last_digit.load("train", 64), last_digit.load("val", 64),
@@ -198,7 +198,7 @@ def optimize(
                             f"got {type(metric).__name__}")
     if policy is None or not hasattr(policy, "lm"):
         raise OptimizeError("policy must be an rl.Policy (e.g. Policy.from_pretrained(path) or "
-                            "programs.embedded.tiny_policy())")
+                            "embedded.tiny_policy())")
     _check_bindings(program, policy)
     rubric = as_rubric(metric)
     settings = resolve_settings(policy, prompt=prompt, weights=weights, self_training=self_training, seed=seed)

@@ -520,7 +520,7 @@ def run_prompt_stage(program: dspy.Module, trainset: Sequence[dspy.Example], val
         PromptBudgetError: ``rollouts`` cannot buy one useful candidate.
 
     Example:
-        >>> from programs.embedded import tiny_policy
+        >>> from embedded import tiny_policy
         >>> from programs.tasks import last_digit
         >>> compiled = run_prompt_stage(  # doctest: +SKIP
         ...     last_digit.predict_program(), last_digit.load("train", 12), last_digit.load("val", 16),

@@ -2,7 +2,7 @@
 
 Why: there is no model hub at run time (here or in CI), yet every layer of cotune needs a real
 ``transformers`` model to run on. The builder is generic: it takes chat conversations whose last
-message is the assistant target (``programs.embedded`` feeds it our default task, rendered by DSPy's
+message is the assistant target (``embedded`` feeds it our default task, rendered by DSPy's
 ChatAdapter) and writes a standard HF folder (``config.json``, ``model.safetensors``, tokenizer
 files with a chat template) that :meth:`rl.Policy.from_pretrained` loads like any other model.
 

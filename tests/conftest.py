@@ -25,7 +25,7 @@ def _seed_everything():
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """The embedded model's HF folder (built on first use: a few minutes on 2 cores)."""
-    from programs.embedded import tiny_model_path
+    from embedded import tiny_model_path
 
     return tiny_model_path()
 

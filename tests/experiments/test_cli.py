@@ -24,7 +24,7 @@ from tests.experiments.helpers import (
 def test_model_build_reuses_a_cached_build_of_the_recipe(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from programs.embedded import recipe_build_dir
+    from embedded import recipe_build_dir
 
     monkeypatch.setenv("COTUNE_CACHE", str(tmp_path))
     cached = recipe_build_dir()

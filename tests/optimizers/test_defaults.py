@@ -119,7 +119,7 @@ def test_a_bad_model_file_is_named(tmp_path, content, match):
 
 
 def test_the_shipped_tiny_model_carries_verified_settings():
-    from programs import embedded
+    import embedded
 
     path = embedded.shipped_tiny_model_path()  # checks every file listed in build_info.json, cotune.json included
     info = json.loads((path / embedded.INFO_FILE).read_text())

@@ -3,18 +3,20 @@
 Why shipped, not built on first use: the build is deterministic per CPU but not across CPUs (float rounding in the
 warm-start differs between machines, and 1,500 steps amplify it), and two builds of the same recipe on two machines
 were measurably different models (greedy 42% vs 53%). Every number in the README, the tests and ``make demo`` must
-be the same everywhere, so the weights built once by the recipe ship in ``programs/models/tiny-last-digit/``
+be the same everywhere, so the weights built once by the recipe ship in ``embedded/weights/tiny-last-digit/``
 (~3.5 MB of safetensors, with a ``build_info.json`` holding the recipe and the sha256 of every file).
 
 The recipe stays the reproducible source: :func:`tiny_model_path` with ``from_recipe=True`` (or ``cotune model
 build tiny``) rebuilds it into ``$COTUNE_CACHE``, and a slow test checks that a rebuild lands in the same quality
 band as the shipped weights (:func:`band_problems`). :func:`ship_tiny_model` copies a build into the package.
 
-Why here: the model's warm-start corpus *is* task data (``programs.tasks.last_digit``), rendered by DSPy's
-ChatAdapter; the generic builder lives in ``rl.tiny_model``. This is a test and demo model, not a useful LM.
+Why in ``embedded`` (not ``programs``): programs run on any ``dspy.LM`` and import nothing from ``rl``; an embedded
+model needs both the task data (``programs.tasks.last_digit``, its warm-start corpus rendered by DSPy's ChatAdapter)
+and the builder and policy (``rl.tiny_model``, ``rl.policy``), so it sits above both. This is a test and demo model,
+not a useful LM.
 
 Example:
-    >>> from programs.embedded import tiny_model_path
+    >>> from embedded import tiny_model_path
     >>> path = tiny_model_path()        # the shipped weights, checked against their recorded sha256
     >>> (path / "model.safetensors").exists()
     True
@@ -34,7 +36,7 @@ from rl.tiny_model import TinyModelRecipe, build_or_load
 
 TINY_NAME = "tiny-last-digit"
 WARMSTART_EXAMPLES = 20_000
-SHIPPED_DIR = Path(__file__).parent / "models" / TINY_NAME
+SHIPPED_DIR = Path(__file__).parent / "weights" / TINY_NAME
 SHIPPED_SEED = 0
 INFO_FILE = "build_info.json"
 SETTINGS_FILE = "cotune.json"  # recommended stage settings (rl.policy reads it), measured on the shipped weights

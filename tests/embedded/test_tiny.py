@@ -1,6 +1,6 @@
 """The embedded tiny model: the shipped weights are the ones recorded, and every build of the recipe is in the band.
 
-The shipped weights make every number identical on every machine; the band (``programs.embedded.band_problems``)
+The shipped weights make every number identical on every machine; the band (``embedded.band_problems``)
 is what the tests and the demo rely on, asserted on the shipped weights *and* on a fresh build of the recipe, so a
 recipe that only worked on one CPU fails here.
 """
@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from programs import embedded
+from embedded import tiny as embedded
 
 
 def test_shipped_model_files_match_their_recorded_hashes():
