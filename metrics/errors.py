@@ -3,7 +3,9 @@
 Why this module exists: callers (the optimizers, the GRPO loop, the CLI) need to tell a broken
 metric apart from a broken program or a broken LM, and to catch "stop, the reward is being
 hacked" specifically. Every exception here derives from :class:`MetricError`, and every message
-says what to do next.
+says what to do next. :class:`MetricError` is also the one error every consumer raises when a metric fails on an
+example (the prompt stages' evaluation and the weight stages' rewards alike, see :func:`metrics.call_metric`), so a
+caller catches one type whichever stage found the broken metric.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ __all__ = [
 ]
 
 
-class MetricError(Exception):
-    """Base class of every error raised by :mod:`metrics`."""
+class MetricError(ValueError):
+    """A metric failed on an example (raised, or returned a non-number or a non-finite value), and the base class of
+    every error raised by :mod:`metrics`.
+
+    A ``ValueError`` because a broken metric is a bad value handed to cotune: the CLI reports it in one line.
+    """
 
 
-class RubricConfigError(MetricError, ValueError):
+class RubricConfigError(MetricError):
     """A rubric, component or guard was built with invalid arguments (bad weights, unknown gate, ...)."""
 
 

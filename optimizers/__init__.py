@@ -13,8 +13,10 @@ Public API:
     run_prompt_stage, prompt_stage, PromptStageConfig, plan_prompt_stage: one interface over DSPy's prompt
         optimizers, driven by a rubric, sized to a share of the budget.
     resolve_settings: stage settings from the user, the model folder's cotune.json, or a size rule.
+    MetricError: the metric raised or returned a non-finite value on an example (``metrics.MetricError``).
 """
 
+from metrics import MetricError  # re-exported: the one error of a failing metric, whichever stage met it
 from optimizers.budget import Budget, BudgetError, BudgetExhausted, StagePlan, plan_run
 from optimizers.callbacks import OptimizeCallback
 from optimizers.errors import (
@@ -27,7 +29,6 @@ from optimizers.errors import (
     PromptBudgetError,
     RunLockedError,
 )
-from optimizers.evaluate import MetricError
 from optimizers.optimize import optimize
 from optimizers.prompt_stage import (
     OPTIMIZERS,

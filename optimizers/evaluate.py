@@ -23,11 +23,7 @@ from typing import Any
 
 import dspy
 
-from metrics import Rubric
-
-
-class MetricError(ValueError):
-    """The metric raised or returned a non-finite value on a valset example (the example is named)."""
+from metrics import MetricError, Rubric
 
 
 @dataclass

@@ -11,7 +11,7 @@ Public API:
 from rl.config import WeightStageConfig
 from rl.errors import CotuneRLError, EngineError, ModelNotFoundError, UnsafeModelError
 from rl.policy import LoraSettings, Policy, PolicyLM
-from rl.rollouts import RewardError, Rollout, run_rollouts
+from rl.rollouts import Rollout, run_rollouts
 from rl.trace import LMCall, recording
 from rl.vllm_engine import TokenizationMismatchError, VLLMEngine
 from rl.vllm_server import VLLMNotInstalledError, VLLMServer, VLLMServerError
@@ -25,7 +25,6 @@ __all__ = [
     "ModelNotFoundError",
     "Policy",
     "PolicyLM",
-    "RewardError",
     "Rollout",
     "TokenizationMismatchError",
     "TrainsetError",

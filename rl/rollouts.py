@@ -24,14 +24,8 @@ import dspy
 from dspy.dsp.utils.settings import thread_local_overrides
 from dspy.utils.exceptions import AdapterParseError
 
-from rl.errors import CotuneRLError
+from metrics import ERROR_KEY, MetricError
 from rl.trace import LMCall, recording
-
-ERROR_KEY = "cotune_error"  # same string as metrics.ERROR_KEY; rl imports nothing of ours
-
-
-class RewardError(CotuneRLError, ValueError):
-    """The metric raised or returned a non-finite value: the stage stops rather than score it 0."""
 
 
 @dataclass
@@ -79,7 +73,7 @@ def score(metric: Callable, example: dspy.Example, prediction: dspy.Prediction, 
     """Call ``metric`` and normalise its answer to (value, components, feedback).
 
     Accepts a float/bool, a ``dspy.Prediction(score=, feedback=)``, or a rubric ``Score`` (anything with
-    ``value`` and ``components``). Raises :class:`RewardError` naming the example on an exception or NaN.
+    ``value`` and ``components``). Raises :class:`MetricError` naming the example on an exception or NaN.
     """
     try:
         # A rubric exposes .reward(example, pred, trace) -> Score; a plain DSPy metric gets trace=None so that it
@@ -87,7 +81,7 @@ def score(metric: Callable, example: dspy.Example, prediction: dspy.Prediction, 
         reward = getattr(metric, "reward", None)
         out = reward(example, prediction, trace) if callable(reward) else metric(example, prediction, None)
     except Exception as exc:  # noqa: BLE001 - re-raised with the example named
-        raise RewardError(f"the metric raised {type(exc).__name__}: {exc} on example {_short(example)}") from exc
+        raise MetricError(f"the metric raised {type(exc).__name__}: {exc} on example {_short(example)}") from exc
     components: dict[str, float] = {}
     feedback = ""
     if hasattr(out, "value") and hasattr(out, "components"):
@@ -99,9 +93,9 @@ def score(metric: Callable, example: dspy.Example, prediction: dspy.Prediction, 
     try:
         value = float(value)
     except (TypeError, ValueError) as exc:
-        raise RewardError(f"the metric returned {out!r}, not a number, on example {_short(example)}") from exc
+        raise MetricError(f"the metric returned {out!r}, not a number, on example {_short(example)}") from exc
     if not math.isfinite(value):
-        raise RewardError(f"the metric returned {value} on example {_short(example)}; rewards must be finite")
+        raise MetricError(f"the metric returned {value} on example {_short(example)}; rewards must be finite")
     return value, components, feedback
 
 

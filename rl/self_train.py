@@ -107,7 +107,7 @@ def self_train(
 
     Raises:
         rl.weight_stage.TrainsetError: empty trainset or examples without inputs.
-        rl.rollouts.RewardError: the metric raised or returned NaN.
+        metrics.MetricError: the metric raised or returned NaN.
     """
     config = config or SelfTrainConfig()
     _check_trainset(trainset)

@@ -217,7 +217,7 @@ def train_weights(
 
     Raises:
         TrainsetError: empty trainset or examples without inputs.
-        rl.rollouts.RewardError: the metric raised or returned NaN (the example is named).
+        metrics.MetricError: the metric raised or returned NaN (the example is named).
         ValueError: under several processes, fewer ``examples_per_step`` than processes.
     """
     config = config or WeightStageConfig()

@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from metrics import MetricError
 from programs.tasks import last_digit
-from rl import LoraSettings, Policy, RewardError, TrainsetError, WeightStageConfig, recording, train_weights
+from rl import LoraSettings, Policy, TrainsetError, WeightStageConfig, recording, train_weights
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.grpo import GRPOUpdater
 from rl.rollouts import run_rollouts
@@ -60,7 +61,7 @@ def test_metric_that_raises_names_the_example(fresh_policy):
         raise KeyError("gold")
 
     train = last_digit.load("train", 4)
-    with pytest.raises(RewardError, match="KeyError.*What is the last digit of"):
+    with pytest.raises(MetricError, match="KeyError.*What is the last digit of"):
         train_weights(last_digit.predict_program(), train, broken, fresh_policy,
                       WeightStageConfig(**SMALL, max_rollouts=8), progress=False)
     assert fresh_policy.version == 0, "no update may happen on a failed step"
@@ -69,7 +70,7 @@ def test_metric_that_raises_names_the_example(fresh_policy):
 
 def test_nan_reward_names_the_example(fresh_policy):
     train = last_digit.load("train", 4)
-    with pytest.raises(RewardError, match="nan on example.*last digit"):
+    with pytest.raises(MetricError, match="nan on example.*last digit"):
         train_weights(last_digit.predict_program(), train, lambda e, p, t=None: float("nan"), fresh_policy,
                       WeightStageConfig(**SMALL, max_rollouts=8), progress=False)
 
