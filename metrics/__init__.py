@@ -14,6 +14,7 @@ Example:
 
 from metrics.adapters import DspyMetric, GepaMetric
 from metrics.base import ERROR_KEY, Component, ComponentResult, Score
+from metrics.call import call_metric
 from metrics.components import (
     AnswerType,
     Contains,
@@ -67,6 +68,7 @@ __all__ = [
     "RubricConfigError",
     "Score",
     "as_rubric",
+    "call_metric",
     "normalize_text",
     "parse_number",
     "validate_json_schema",

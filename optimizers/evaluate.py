@@ -13,7 +13,6 @@ runs tell that before any budget is spent.
 
 from __future__ import annotations
 
-import math
 import statistics
 import threading
 from collections import defaultdict
@@ -23,7 +22,7 @@ from typing import Any
 
 import dspy
 
-from metrics import MetricError, Rubric
+from metrics import MetricError, Rubric, call_metric
 
 
 @dataclass
@@ -76,11 +75,6 @@ def check_parses(program: dspy.Module, examples: Sequence[dspy.Example], lm: dsp
                       first_error=errors[0] if errors else "")
 
 
-def _short(example: dspy.Example, limit: int = 100) -> str:
-    text = ", ".join(f"{k}={v!r}" for k, v in example.inputs().items())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def evaluate(program: dspy.Module, valset: Sequence[dspy.Example], rubric: Rubric, lm: dspy.LM, *,
              gold_metric: Callable[..., Any] | None = None, num_threads: int = 16,
              progress: bool = False) -> Evaluation:
@@ -95,17 +89,14 @@ def evaluate(program: dspy.Module, valset: Sequence[dspy.Example], rubric: Rubri
 
     def metric(example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> float:
         try:
-            score = rubric(example, prediction, trace)
-            value = float(score.value)
-            if not math.isfinite(value):
-                raise ValueError(f"returned {value}")
-        except Exception as exc:  # noqa: BLE001 - reported below with the example named
+            score = call_metric(rubric, example, prediction, trace)
+        except MetricError as exc:  # reported below, after the whole valset, with the count
             with lock:
-                problems.append(f"on example ({_short(example)}): {type(exc).__name__}: {exc}")
+                problems.append(str(exc))
             return 0.0
         with lock:
             scores[id(example)] = score
-        return value
+        return score.value
 
     evaluator = dspy.Evaluate(devset=list(valset), metric=metric, num_threads=num_threads,
                               display_progress=progress, max_errors=len(valset) + 1, failure_score=0.0,
@@ -113,7 +104,7 @@ def evaluate(program: dspy.Module, valset: Sequence[dspy.Example], rubric: Rubri
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
         result = evaluator(program)
     if problems:
-        raise MetricError(f"the metric failed on {len(problems)} of {len(valset)} valset examples, first "
+        raise MetricError(f"the metric failed on {len(problems)} of {len(valset)} valset examples, first: "
                           f"{problems[0]}; fix the metric (it must return a finite number or a Score)")
 
     components: dict[str, list[float]] = defaultdict(list)

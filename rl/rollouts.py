@@ -13,7 +13,6 @@ configured failure score (that is the signal that teaches format).
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ import dspy
 from dspy.dsp.utils.settings import thread_local_overrides
 from dspy.utils.exceptions import AdapterParseError
 
-from metrics import ERROR_KEY, MetricError
+from metrics import ERROR_KEY, call_metric
 from rl.trace import LMCall, recording
 
 
@@ -66,45 +65,6 @@ def _failed_prediction(exc: Exception) -> tuple[dspy.Prediction, str]:
         return dspy.Prediction(**partial, **{ERROR_KEY: message}), message
     message = f"{type(exc).__name__}: {exc}"
     return dspy.Prediction(**{ERROR_KEY: message}), message
-
-
-def score(metric: Callable, example: dspy.Example, prediction: dspy.Prediction, trace: Any = None
-          ) -> tuple[float, dict[str, float], str]:
-    """Call ``metric`` and normalise its answer to (value, components, feedback).
-
-    Accepts a float/bool, a ``dspy.Prediction(score=, feedback=)``, or a rubric ``Score`` (anything with
-    ``value`` and ``components``). Raises :class:`MetricError` naming the example on an exception or NaN.
-    """
-    try:
-        # A rubric exposes .reward(example, pred, trace) -> Score; a plain DSPy metric gets trace=None so that it
-        # returns a float (DSPy metrics return a pass/fail bool when given a trace).
-        reward = getattr(metric, "reward", None)
-        out = reward(example, prediction, trace) if callable(reward) else metric(example, prediction, None)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the example named
-        raise MetricError(f"the metric raised {type(exc).__name__}: {exc} on example {_short(example)}") from exc
-    components: dict[str, float] = {}
-    feedback = ""
-    if hasattr(out, "value") and hasattr(out, "components"):
-        value, components, feedback = out.value, dict(out.components), getattr(out, "feedback", "") or ""
-    elif isinstance(out, dspy.Prediction):
-        value, feedback = out.get("score"), out.get("feedback") or ""
-    else:
-        value = out
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as exc:
-        raise MetricError(f"the metric returned {out!r}, not a number, on example {_short(example)}") from exc
-    if not math.isfinite(value):
-        raise MetricError(f"the metric returned {value} on example {_short(example)}; rewards must be finite")
-    return value, components, feedback
-
-
-def _short(example: dspy.Example, limit: int = 120) -> str:
-    try:
-        text = repr(dict(example.inputs()))
-    except Exception:  # noqa: BLE001 - an example without inputs set
-        text = repr(example)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -176,7 +136,8 @@ def run_rollouts(
         if rollout.error is not None:
             rollout.reward = float(format_failure_score)
         else:
-            rollout.reward, rollout.components, rollout.feedback = score(metric, example, rollout.prediction, trace)
+            score = call_metric(metric, example, rollout.prediction, trace)
+            rollout.reward, rollout.components, rollout.feedback = score.value, score.components, score.feedback
         return rollout
 
     workers = max(1, min(num_threads, len(jobs)))
