@@ -40,7 +40,7 @@ Note: YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); numeric strings
 
 **An experiment file can run code**, as a Python script can: ``metric: package.module:attr`` imports that module
 (when the file is loaded) and calls the function, and ``vllm.python`` names an executable cotune starts. So both are
-limited (:func:`import_reference`, :func:`_check_vllm_python`): references resolve from installed packages and
+limited (:func:`metrics.references.import_reference`, :func:`_check_vllm_python`): references resolve from installed packages and
 ``$PYTHONPATH`` only, never from the current directory or the standard library; ``vllm.python`` must be the venv
 ``scripts/vllm_venv.sh`` builds unless ``allow_custom_python: true`` says otherwise. Still, run only experiment
 files you would run as scripts.
@@ -51,13 +51,11 @@ would collide or leave ``output_dir`` (``..``) are refused.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
-import importlib.machinery
+import inspect
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,6 +450,8 @@ def _check_task(task: str | dict, program: str | None) -> None:
 
 
 def _import(spec: str, path: Path_) -> Any:
+    from metrics.references import ReferenceImportError
+
     try:
         return import_metric(spec)
     except ReferenceImportError as exc:
@@ -459,84 +459,27 @@ def _import(spec: str, path: Path_) -> Any:
 
 
 # --- module:attr references: code execution, from installed packages only ------------------------------
-
-
-class ReferenceImportError(ValueError):
-    """A ``package.module:attr`` reference of an experiment file that cotune will not or cannot import."""
-
-
-def import_reference(spec: str) -> Any:
-    """The object ``package.module:attr`` names. Importing it is code execution, as ``import`` in a script is.
-
-    Why the limits: an experiment file is data that gets shared, and a reference imports and runs code. So:
-
-    * only importable, installed code is imported (site-packages, the project's editable install, and
-      ``$PYTHONPATH``): the current directory, which ``python -m`` and ``python script.py`` put first on
-      ``sys.path``, is taken off it while importing, so an ``evil.py`` (or a folder named like a package) lying
-      beside a downloaded experiment is never run by naming it; put your own module on ``PYTHONPATH`` or
-      ``pip install -e`` it to use it;
-    * the standard library is refused: nothing there is a metric, and ``os:system`` or ``builtins:exec``
-      would run whatever they are handed.
-
-    Raises:
-        ReferenceImportError: a malformed reference, a standard-library module, a module that exists only in
-            the current directory, an import error, or a missing attribute.
-    """
-    import sys
-
-    module, _, attr = spec.partition(":")
-    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module) or not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", attr):
-        raise ReferenceImportError(f"{spec!r} is not a reference of the form 'package.module:name'")
-    top = module.split(".")[0]
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
-        raise ReferenceImportError(f"{spec!r} is in the Python standard library, which holds no metrics and "
-                                   "whose functions (os:system, builtins:exec, ...) would run arbitrary commands; "
-                                   "name a function of your own installed package")
-    with _without_current_dir() as current:
-        spec_found = _find_top(top)
-        if spec_found is None:
-            here = importlib.machinery.PathFinder.find_spec(top, [current]) if current else None
-            hint = (f"; {top!r} is in the current directory {current}, which cotune never imports from (a file "
-                    "beside an experiment is not trusted code): install it (pip install -e) or add its folder to "
-                    "PYTHONPATH" if here is not None else "")
-            raise ReferenceImportError(f"cannot import {spec!r}: no module named {top!r} among the installed "
-                                       f"packages and PYTHONPATH{hint}")
-        loaded = sys.modules.get(top)
-        if loaded is not None and getattr(loaded, "__file__", None) and spec_found.origin \
-                and os.path.realpath(loaded.__file__) != os.path.realpath(spec_found.origin):
-            raise ReferenceImportError(f"cannot import {spec!r}: {top!r} was already imported from "
-                                       f"{loaded.__file__}, not from the installed packages ({spec_found.origin})")
-        try:
-            obj: Any = importlib.import_module(module)
-        except Exception as exc:  # noqa: BLE001 - a module that fails to import, whatever the reason
-            raise ReferenceImportError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ReferenceImportError(f"cannot import {spec!r}: {module} has no attribute {part!r}") from None
-    return obj
+# What may be imported, and why: metrics.references.import_reference (imported where used: metrics imports dspy,
+# which validating a file does not need).
 
 
 def import_metric(spec: str) -> Any:
     """A metric reference: a :class:`metrics.Rubric`, a metric ``(example, pred, trace=None)`` or a factory of
-    one taking no arguments (see :func:`import_reference` for what may be imported).
+    one taking no arguments (see :func:`metrics.references.import_reference` for what may be imported).
 
     Raises:
-        ReferenceImportError: see :func:`import_reference`; or the object is no metric.
+        ReferenceImportError: see :func:`metrics.references.import_reference`; or the object is no metric.
     """
-    import inspect
+    from metrics import Rubric
+    from metrics.references import ReferenceImportError, import_reference
 
     obj = import_reference(spec)
-    from metrics import Rubric
-
     if isinstance(obj, Rubric):
         return obj
     if not callable(obj):
         raise ReferenceImportError(f"{spec!r} is not callable (a metric, a Rubric or a function returning one)")
-    try:
-        params = inspect.signature(obj).parameters.values()
-    except (TypeError, ValueError):
+    params = _parameters(obj)
+    if params is None:
         return obj
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [p for p in positional if p.default is inspect.Parameter.empty]
@@ -547,38 +490,32 @@ def import_metric(spec: str) -> Any:
     return obj
 
 
-def _find_top(top: str) -> Any:
-    """The import spec of top-level module ``top`` as the import system would find it now (sys.modules aside)."""
-    import sys
+def build_metric(spec: str) -> Any:
+    """The metric a reference names, ready to call: :func:`import_metric`'s object, with a factory (a callable
+    that needs no argument) called once to build the metric.
 
-    for finder in sys.meta_path:
-        find = getattr(finder, "find_spec", None)
-        if find is None:
-            continue
-        found = find(top, None)
-        if found is not None:
-            return found
-    return None
+    Raises:
+        ReferenceImportError: see :func:`import_metric`.
+    """
+    from metrics import Rubric
+
+    obj = import_metric(spec)
+    if isinstance(obj, Rubric):
+        return obj
+    params = _parameters(obj)
+    if params is None:
+        return obj
+    required = [p for p in params
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return obj() if not required else obj
 
 
-@contextlib.contextmanager
-def _without_current_dir() -> Iterator[str | None]:
-    """Take the current directory off ``sys.path`` (unless ``$PYTHONPATH`` names it); yield it (``None``: absent)."""
-    import sys
-
-    cwd = os.path.realpath(os.getcwd())
-    explicit = {os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
-    removed = [(i, p) for i, p in enumerate(sys.path)
-               if (p == "" or os.path.realpath(p) == cwd) and cwd not in explicit]
-    for _, p in reversed(removed):
-        sys.path.remove(p)
-    importlib.invalidate_caches()
+def _parameters(obj: Any) -> list[inspect.Parameter] | None:
+    """``obj``'s parameters, or ``None`` where Python cannot tell (some builtins and C callables)."""
     try:
-        yield cwd
-    finally:
-        for i, p in removed:
-            if p not in sys.path:
-                sys.path.insert(min(i, len(sys.path)), p)
+        return list(inspect.signature(obj).parameters.values())
+    except (TypeError, ValueError):
+        return None
 
 
 def _arms(value: Any) -> tuple[Arm, ...]:

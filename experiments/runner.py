@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -33,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from experiments.config import Arm, ConfigError, Experiment, ReferenceImportError, arm_folder, import_metric
+from experiments.config import Arm, ConfigError, Experiment, arm_folder, build_metric
 from experiments.tasks import resolve_task
 from experiments.tracking import KIND_TAG, MlflowTracking, check_tracking_uri, redact, resolve_tracking_uri
+from metrics.references import ReferenceImportError
 from optimizers.callbacks import OptimizeCallback
 from optimizers.errors import OutputDirError
 from optimizers.run_folder import LOCK_FILE, RUN_FILE, RunLock
@@ -69,7 +69,7 @@ def resolve_metric(exp: Experiment, task: Any) -> Any:
     """The metric the experiment optimizes: the task's rubric, its gold metric, or an imported one.
 
     An imported metric (``metric: package.module:name``) is code the experiment file chooses to run; see
-    :func:`experiments.config.import_reference` for what may be imported (installed packages, not the current
+    :func:`metrics.references.import_reference` for what may be imported (installed packages, not the current
     directory, not the standard library).
     """
     if exp.metric == "rubric":
@@ -79,16 +79,9 @@ def resolve_metric(exp: Experiment, task: Any) -> Any:
             raise ConfigError(f"metric: task {task.name!r} has no gold metric; use 'rubric'", source=exp.source)
         return task.gold_metric
     try:
-        obj = import_metric(exp.metric)
+        return build_metric(exp.metric)
     except ReferenceImportError as exc:
         raise ConfigError(str(exc), source=exp.source, key="metric") from None
-    from metrics import Rubric
-
-    if isinstance(obj, Rubric):
-        return obj
-    required = [p for p in inspect.signature(obj).parameters.values()
-                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return obj() if not required else obj  # a zero-argument factory builds the metric
 
 
 def model_path(exp: Experiment, out: IO[str] | None = None) -> tuple[Path, str]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import dspy
 
+from metrics.references import reference_name
 from optimizers.errors import CorruptRunError, ExportTargetError, LoadError
 from rl.atomic import atomic_dir
 
@@ -278,7 +279,7 @@ def _program_for(manifest: dict[str, Any], program: dspy.Module | None, allowed_
     if isinstance(allowed_classes, Mapping):
         candidates = dict(allowed_classes)
     else:
-        candidates = {f"{cls.__module__}:{cls.__qualname__}": cls for cls in allowed_classes}
+        candidates = {reference_name(cls): cls for cls in allowed_classes}
     cls = candidates.get(named) if isinstance(named, str) else None
     if cls is None:
         raise LoadError(f"the bundle's program class {named!r} is not among allowed_classes {sorted(candidates)}; "

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import threading
 from collections.abc import Callable, Mapping
@@ -28,6 +27,7 @@ from typing import Any
 import dspy
 
 from metrics import Rubric
+from metrics.references import load_reference
 from programs.tasks.splits import SPLITS, SplitError, check_split
 
 __all__ = [
@@ -184,8 +184,7 @@ def _resolve(name: str) -> TaskFactory:
         raise UnknownTaskError(f"unknown task {name!r}; registered tasks are: {', '.join(list_tasks())} "
                                f"(or register your own with programs.registry.register_task)")
     if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return load_reference(entry)  # a built-in entry, written in our code: trusted
     return entry
 
 
