@@ -12,14 +12,13 @@ vectorised pass from a counter-based RNG keyed by that row's seed, and hands ``g
 A request with a seed therefore gets the same completion whatever else shares its batch (up to the
 float noise of batched matmuls).
 
-The engine implements DSPy's contract (see ``../shared/DESIGN.md``): ``complete(Request) -> Response``,
-``__deepcopy__`` returning itself (optimizers deepcopy programs; the model must be shared, not copied).
-It records every call as an :class:`rl.trace.LMCall` with the exact prompt and completion token ids.
+What happens around a generation (DSPy's ``complete(Request) -> Response`` contract, the seed rule, the
+:class:`rl.trace.LMCall` record with the exact prompt and completion token ids, the counters) is
+:class:`rl.engine_base.PolicyEngine`'s, shared with the vLLM engine; this module only generates.
 """
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -31,11 +30,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from dspy.lm15 import ContextLengthError, Message, Request, Response, Usage
+from dspy.lm15 import ContextLengthError
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from rl.engine_base import Generation, PolicyEngine, Sampling
+from rl.engine_base import chat_messages as chat_messages  # re-exported: embedded/agent.py imports it from here
 from rl.errors import EngineError
-from rl.trace import LMCall, active_recorders, caller_info
 
 if TYPE_CHECKING:
     from rl.policy import Policy
@@ -50,7 +50,6 @@ class _Job:
     max_tokens: int
     stop: tuple[str, ...]
     seed: int
-    user_seed: int | None
     prompt_ids: list[int] | None = None
     future: Future = field(default_factory=Future)
 
@@ -158,17 +157,7 @@ class RowStopper(StoppingCriteria):
         return done
 
 
-def chat_messages(request: Request) -> list[dict[str, str]]:
-    """A DSPy request as chat messages: the adapter's system prompt first, ``developer`` as ``system``.
-
-    Every engine renders through this one function, so the same request gives the same prompt token ids on each.
-    """
-    return ([{"role": "system", "content": request.system}] if request.system else []) + [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text or ""} for m in request.messages
-    ]
-
-
-class BatchedEngine:
+class BatchedEngine(PolicyEngine):
     """DSPy custom engine over a :class:`rl.policy.Policy`; batches concurrent requests.
 
     Args:
@@ -177,15 +166,13 @@ class BatchedEngine:
         max_wait_ms: longest the worker waits for more requests after the first one (it waits only while fewer
             requests are queued than recent batches held, so a lone sequential caller never waits).
         default_max_tokens: used when a request sets no ``max_tokens``.
-        seed: seeds the per-request generators of requests that carry no seed of their own, outside a tagged
-            :func:`rl.trace.recording` (inside one, the seed derives from the tag and the call's index).
+        seed: seeds the engine's seed stream, for requests that carry no seed of their own, outside a tagged
+            :func:`rl.trace.recording` (the seed rule: :mod:`rl.engine_base`).
         history_size: how many recent :class:`LMCall` records :attr:`calls` keeps.
         client_wait_ms: longest wait for the requests of callers declared with :meth:`client`.
     """
 
-    supports_function_calling = False
-    supports_reasoning = False
-    supports_response_schema = False
+    kind = "local policy"
 
     def __init__(
         self,
@@ -197,27 +184,16 @@ class BatchedEngine:
         history_size: int = 10_000,
         client_wait_ms: float = 250.0,
     ) -> None:
-        self.policy = policy
+        super().__init__(policy, default_max_tokens=default_max_tokens, seed=seed, history_size=history_size)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
-        self.default_max_tokens = default_max_tokens
-        self.calls: deque[LMCall] = deque(maxlen=history_size)
-        # Monotonic totals since the engine started (budgets are charged from these, never from the bounded deque).
-        self.counters = {"calls": 0, "input_tokens": 0, "output_tokens": 0}
-        self._count_lock = threading.Lock()
         self.batch_sizes: deque[int] = deque(maxlen=history_size)
-        self._seed_rng = torch.Generator().manual_seed(seed)
-        self._seed_lock = threading.Lock()
-        self._ids = itertools.count()
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._clients = 0
         self._clients_lock = threading.Lock()
         self.client_wait_s = client_wait_ms / 1000.0
-
-    def __deepcopy__(self, memo: dict) -> BatchedEngine:
-        return self  # one model, shared by every copy of a program
 
     @contextmanager
     def clients(self, n: int) -> Iterator[Callable[[], None]]:
@@ -245,66 +221,18 @@ class BatchedEngine:
                 self._clients -= remaining[0]
                 remaining[0] = 0
 
-    # --- DSPy contract ------------------------------------------------------------------------
+    # --- generation (PolicyEngine.complete does the rest) -------------------------------------------
 
-    def complete(self, request: Request) -> Response:
-        """Generate one completion for a DSPy request (blocking; safe to call from many threads)."""
-        if request.tools:
-            raise EngineError("the local policy engine does not do native tool calling; use DSPy's text adapters")
-        messages = chat_messages(request)
-        cfg = request.config
-        recorders = active_recorders()
-        drawn = recorders[-1].next_seed() if recorders else None
-        if drawn is None:
-            with self._seed_lock:
-                drawn = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
-        job = _Job(
-            messages=messages,
-            temperature=float(cfg.temperature) if cfg.temperature is not None else 0.0,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            max_tokens=int(cfg.max_tokens or self.default_max_tokens),
-            stop=tuple(cfg.stop or ()),
-            seed=int(cfg.seed) if cfg.seed is not None else drawn,
-            user_seed=cfg.seed,
-        )
-        predictor, modules = caller_info()
+    def _generate(self, sampling: Sampling) -> Generation:
+        """Queue the request for the batching worker and wait for its row of the batch."""
+        job = _Job(messages=sampling.messages, temperature=sampling.temperature, top_p=sampling.top_p,
+                   top_k=sampling.top_k, max_tokens=sampling.max_tokens, stop=sampling.stop, seed=sampling.seed)
         self._ensure_worker()
         self._queue.put(job)
         result: _Result = job.future.result()
-        call = LMCall(
-            call_id=next(self._ids),
-            model=result.model,
-            version=result.version,
-            messages=tuple(messages),
-            prompt_ids=tuple(result.prompt_ids),
-            completion_ids=tuple(result.completion_ids),
-            text=result.text,
-            finish_reason=result.finish_reason,
-            predictor=predictor,
-            modules=modules,
-            temperature=job.temperature,
-            top_p=job.top_p,
-            top_k=job.top_k,
-            max_tokens=job.max_tokens,
-            seed=job.user_seed,
-            tag=recorders[-1].tag if recorders else None,
-        )
-        self.calls.append(call)
-        with self._count_lock:
-            self.counters["calls"] += 1
-            self.counters["input_tokens"] += len(result.prompt_ids)
-            self.counters["output_tokens"] += len(result.completion_ids)
-        for recorder in recorders:
-            recorder.append(call)
-        n_in, n_out = len(result.prompt_ids), len(result.completion_ids)
-        return Response(
-            id=f"cotune-{call.call_id}",
-            model=result.model,
-            message=Message.assistant(result.text),
-            finish_reason=result.finish_reason,
-            usage=Usage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out),
-        )
+        return Generation(prompt_ids=result.prompt_ids, completion_ids=result.completion_ids, text=result.text,
+                          finish_reason=result.finish_reason, version=result.version, model=result.model,
+                          max_tokens=job.max_tokens)  # clipped by the worker when the prompt nears the context
 
     # --- batching worker ----------------------------------------------------------------------
 
@@ -426,6 +354,4 @@ class BatchedEngine:
     def stats(self) -> dict[str, Any]:
         """Totals for logging and budgets: calls, input/output tokens, and the mean size of recent batches."""
         sizes = list(self.batch_sizes)
-        with self._count_lock:
-            totals = dict(self.counters)
-        return {**totals, "batches": len(sizes), "mean_batch": sum(sizes) / max(1, len(sizes))}
+        return {**self.totals(), "batches": len(sizes), "mean_batch": sum(sizes) / max(1, len(sizes))}

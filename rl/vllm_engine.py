@@ -10,8 +10,8 @@ The weight stage trains on the exact token ids the model saw and produced, so th
 response (``return_token_ids``), never from re-tokenizing text. The prompt ids are checked against the
 trainer's own tokenization (:meth:`rl.policy.Policy.encode_messages`); a mismatch (another chat template or
 tokenizer version on the server) is a :class:`TokenizationMismatchError`, not silently off-policy training.
-Each call is recorded as the same :class:`rl.trace.LMCall` the in-process engine records, so the weight stage
-does not care which engine ran.
+Each call is recorded as the same :class:`rl.trace.LMCall` the in-process engine records, by the same code
+(:class:`rl.engine_base.PolicyEngine`, with the same seed rule), so the weight stage does not care which engine ran.
 
 Example:
     >>> policy = Policy.from_pretrained("/models/Qwen2.5-0.5B-Instruct", engine="vllm")     # doctest: +SKIP
@@ -20,26 +20,22 @@ Example:
 
 from __future__ import annotations
 
-import itertools
-import random
 import re
 import shutil
 import tempfile
 import threading
 import uuid
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dspy.lm15 import ContextLengthError, Message, Request, Response, Usage
+from dspy.lm15 import ContextLengthError
 
 from rl import distributed
 from rl.atomic import atomic_dir
-from rl.engine import chat_messages
+from rl.engine_base import Generation, PolicyEngine, Sampling
 from rl.errors import EngineError
-from rl.trace import LMCall, active_recorders, caller_info
 from rl.vllm_server import VLLMServer, VLLMServerError
 
 if TYPE_CHECKING:
@@ -52,7 +48,7 @@ class TokenizationMismatchError(EngineError):
     """The server tokenized a prompt differently from the trainer; training on its ids would be off-policy."""
 
 
-class VLLMEngine:
+class VLLMEngine(PolicyEngine):
     """DSPy custom engine that generates on a vLLM server and records every call like :class:`rl.engine.BatchedEngine`.
 
     Args:
@@ -61,15 +57,15 @@ class VLLMEngine:
         adapter_dir: where adapter versions are written for the server to load (must be readable by the
             server: the same machine or a shared filesystem). Default: a temporary folder removed on close.
         default_max_tokens: used when a request sets no ``max_tokens``.
-        seed: seeds requests that carry no seed, outside a tagged :func:`rl.trace.recording`.
+        seed: seeds the engine's seed stream, for requests that carry no seed of their own, outside a tagged
+            :func:`rl.trace.recording` (the seed rule: :mod:`rl.engine_base`).
         history_size: how many recent :class:`LMCall` records :attr:`calls` keeps.
         check_tokens: compare every prompt's ids with the trainer's tokenization (cheap: memoised).
         own_server: close the server (our HTTP client, and the process if we started one) with the engine.
     """
 
-    supports_function_calling = False
-    supports_reasoning = False
-    supports_response_schema = False
+    kind = "vLLM policy"
+    id_prefix = "cotune-vllm"
 
     def __init__(
         self,
@@ -83,18 +79,11 @@ class VLLMEngine:
         check_tokens: bool = True,
         own_server: bool = False,
     ) -> None:
-        self.policy = policy
+        super().__init__(policy, default_max_tokens=default_max_tokens, seed=seed, history_size=history_size)
         self.server = server
-        self.default_max_tokens = default_max_tokens
         self.check_tokens = check_tokens
         self.own_server = own_server
-        self.calls: deque[LMCall] = deque(maxlen=history_size)
-        self.counters = {"calls": 0, "input_tokens": 0, "output_tokens": 0}
         self.swaps = 0  # adapter versions loaded into the server
-        self._count_lock = threading.Lock()
-        self._seed_rng = random.Random(seed)
-        self._seed_lock = threading.Lock()
-        self._ids = itertools.count()
         self._tag = uuid.uuid4().hex[:6]  # engines sharing a server never touch each other's adapters
         self._temp = None if adapter_dir else tempfile.TemporaryDirectory(prefix="cotune-vllm-adapters-")
         self.adapter_dir = Path(adapter_dir or self._temp.name)
@@ -111,9 +100,6 @@ class VLLMEngine:
             first = next(i for i, (url, _) in enumerate(peers) if url == server.url)
             self._tag, self._loader, self._shared = peers[first][1], first == distributed.rank(), True
         self.sync()
-
-    def __deepcopy__(self, memo: dict) -> VLLMEngine:
-        return self  # one server, shared by every copy of a program
 
     # --- adapter versions -----------------------------------------------------------------------
 
@@ -184,41 +170,31 @@ class VLLMEngine:
         """Names of this engine's adapters that the server holds now (from ``/v1/models``)."""
         return [m["id"] for m in self.server.models() if m.get("parent") and m["id"].endswith(f".{self._tag}")]
 
-    # --- DSPy contract ------------------------------------------------------------------------
+    # --- generation (PolicyEngine.complete does the rest) -------------------------------------------
 
-    def complete(self, request: Request) -> Response:
-        """Generate one completion on the server for a DSPy request (blocking; safe from many threads)."""
-        if request.tools:
-            raise EngineError("the vLLM policy engine does not do native tool calling; use DSPy's text adapters")
-        messages = chat_messages(request)  # the same rendering as the in-process engine
-        cfg = request.config
-        recorders = active_recorders()
-        seed = cfg.seed if cfg.seed is not None else (recorders[-1].next_seed() if recorders else None)
-        if seed is None:
-            with self._seed_lock:
-                seed = self._seed_rng.getrandbits(62)
-        temperature = float(cfg.temperature) if cfg.temperature is not None else 0.0
-        max_tokens = int(cfg.max_tokens or self.default_max_tokens)
-        expected = self.policy.encode_messages(messages) if self.check_tokens else None
+    def _generate(self, sampling: Sampling) -> Generation:
+        """One chat request to the server, naming the current adapter version; its token ids checked."""
+        max_tokens = sampling.max_tokens
+        expected = self.policy.encode_messages(sampling.messages) if self.check_tokens else None
         limit = self.server.max_model_len or self.policy.max_positions
         if limit is not None and expected is not None:
             if len(expected) >= limit:
                 raise ContextLengthError(f"prompt of {len(expected)} tokens does not fit the model's {limit}-token "
                                          "context")
             max_tokens = min(max_tokens, limit - len(expected))
-        predictor, modules = caller_info()
         with self._use_current() as (name, version, model_string):
             payload = {
-                "model": name, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                "model": name, "messages": sampling.messages, "max_tokens": max_tokens,
+                "temperature": sampling.temperature,
                 # neutral values sent explicitly: a server's generation_config defaults must not reshape sampling
-                "top_p": cfg.top_p if cfg.top_p is not None else 1.0, "top_k": cfg.top_k or 0,
+                "top_p": sampling.top_p if sampling.top_p is not None else 1.0, "top_k": sampling.top_k or 0,
                 "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                "seed": int(seed) % (1 << 63), "return_token_ids": True, "skip_special_tokens": True,
+                "seed": sampling.seed % (1 << 63), "return_token_ids": True, "skip_special_tokens": True,
                 # the sampled tokens' log-probs, for the trainer's importance-sampling correction
                 "logprobs": True, "top_logprobs": 0,
             }
-            if cfg.stop:
-                payload["stop"] = list(cfg.stop)
+            if sampling.stop:
+                payload["stop"] = list(sampling.stop)
             body = self.server.chat(payload)
         choice = body["choices"][0]
         prompt_ids, completion_ids = body.get("prompt_token_ids"), choice.get("token_ids")
@@ -230,43 +206,13 @@ class VLLMEngine:
         finish = _FINISH.get(choice.get("finish_reason"))
         if finish is None:
             raise EngineError(f"vLLM finished a request with {choice.get('finish_reason')!r}: {choice}")
-        text = choice["message"].get("content") or ""
         logprobs = [entry.get("logprob") for entry in (choice.get("logprobs") or {}).get("content") or []]
-        call = LMCall(
-            call_id=next(self._ids),
-            model=model_string,
-            version=version,
-            messages=tuple(messages),
-            prompt_ids=tuple(prompt_ids),
-            completion_ids=tuple(completion_ids),
-            text=text,
-            finish_reason=finish,
-            predictor=predictor,
-            modules=modules,
-            temperature=temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            max_tokens=max_tokens,
-            seed=cfg.seed,
-            tag=recorders[-1].tag if recorders else None,
+        return Generation(
+            prompt_ids=prompt_ids, completion_ids=completion_ids, text=choice["message"].get("content") or "",
+            finish_reason=finish, version=version, model=model_string, max_tokens=max_tokens,
             # one per completion token, else unusable (None: the trainer then applies no correction to this call)
             completion_logprobs=(tuple(float("nan") if v is None else float(v) for v in logprobs)
                                  if len(logprobs) == len(completion_ids) else None),
-        )
-        self.calls.append(call)
-        with self._count_lock:
-            self.counters["calls"] += 1
-            self.counters["input_tokens"] += len(prompt_ids)
-            self.counters["output_tokens"] += len(completion_ids)
-        for recorder in recorders:
-            recorder.append(call)
-        n_in, n_out = len(prompt_ids), len(completion_ids)
-        return Response(
-            id=f"cotune-vllm-{call.call_id}",
-            model=model_string,
-            message=Message.assistant(text),
-            finish_reason=finish,
-            usage=Usage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out),
         )
 
     def _mismatch(self, expected: list[int], got: list[int]) -> TokenizationMismatchError:
@@ -283,9 +229,7 @@ class VLLMEngine:
 
     def stats(self) -> dict[str, Any]:
         """Totals for logging and budgets (same keys as the in-process engine; the server batches itself)."""
-        with self._count_lock:
-            totals = dict(self.counters)
-        return {**totals, "batches": 0, "mean_batch": 0.0, "adapter_swaps": self.swaps}
+        return {**self.totals(), "batches": 0, "mean_batch": 0.0, "adapter_swaps": self.swaps}
 
     def close(self) -> None:
         """Unload our adapters from a server that lives on (or stop the one we started); remove our folders."""

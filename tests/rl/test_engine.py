@@ -15,6 +15,7 @@ from dspy.lm15 import Config, Message, Request
 
 from programs.tasks import last_digit
 from rl import recording
+from rl.engine_base import Generation, PolicyEngine, Sampling
 
 
 def _ask(policy, question, **config):
@@ -156,3 +157,67 @@ def test_recording_sees_calls_from_evaluate_threads(tiny_policy, chat_adapter):
     assert len(calls) == 16
     assert all(c.tag == "eval" and c.predictor is program.predict for c in calls)
     assert all(c.modules == ("ChainOfThought", "Predict") for c in calls)
+
+
+# --- the shared request path and its one seed rule (no model: a fake engine that echoes its seed) -------------
+
+
+class _EchoSeed(PolicyEngine):
+    """A PolicyEngine whose generation is the seed it was handed: what the shared path decided, made visible."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(None, default_max_tokens=8, seed=seed, history_size=100)
+
+    def _generate(self, sampling: Sampling) -> Generation:
+        return Generation(prompt_ids=(1, 2, 3), completion_ids=(4,), text=str(sampling.seed), finish_reason="stop",
+                          version=0, model="local/echo", max_tokens=sampling.max_tokens)
+
+
+def _seed(engine, seed=None):
+    request = Request(model="local/echo", messages=(Message.user("hi"),), config=Config(seed=seed))
+    return int(engine.complete(request).message.text)
+
+
+def test_both_engines_share_one_request_path():
+    from rl.engine import BatchedEngine
+    from rl.vllm_engine import VLLMEngine
+
+    for engine in (BatchedEngine, VLLMEngine):
+        assert engine.complete is PolicyEngine.complete and engine.seed_for is PolicyEngine.seed_for
+
+
+def test_the_request_seed_wins_then_the_tagged_recording_then_the_engine_stream():
+    engine = _EchoSeed(seed=3)
+    with recording(tag=("rollout", 0, 1)):
+        assert _seed(engine, seed=42) == 42  # 1. the request's own seed, even inside a tagged recording
+        tagged = _seed(engine)  # 2. the tag's first seed
+    with recording(tag=("rollout", 0, 1)):
+        assert _seed(engine) == tagged  # the same tag samples the same, whatever ran before
+    stream = [_seed(engine) for _ in range(3)]  # 3. the engine's stream, from its seed=
+    fresh = _EchoSeed(seed=3)
+    assert stream == [_seed(fresh) for _ in range(3)]  # nothing above drew from it
+    assert len(set(stream)) == 3
+    with recording():  # an untagged recording has no seeds of its own
+        assert _seed(engine) not in stream
+
+
+def test_a_seeded_request_never_shifts_the_seeds_around_it():
+    plain, mixed = _EchoSeed(seed=5), _EchoSeed(seed=5)
+    with recording(tag="t"):
+        expected = [_seed(plain), _seed(plain)]
+    with recording(tag="t"):
+        got = [_seed(mixed), _seed(mixed, seed=9), _seed(mixed)]
+    assert [got[0], got[2]] == expected and got[1] == 9
+    assert [_seed(plain), _seed(plain)] == [_seed(mixed), _seed(mixed)]  # nor the engine's stream
+
+
+def test_every_call_is_recorded_counted_and_answered_the_same_way():
+    engine = _EchoSeed()
+    with recording(tag="t") as calls:
+        response = engine.complete(Request(model="local/echo", messages=(Message.user("hi"),), system="sys",
+                                           config=Config(seed=7, temperature=0.5, max_tokens=4)))
+    [call] = calls
+    assert call.messages == ({"role": "system", "content": "sys"}, {"role": "user", "content": "hi"})
+    assert (call.seed, call.temperature, call.max_tokens, call.tag, call.text) == (7, 0.5, 4, "t", "7")
+    assert list(engine.calls) == [call] and engine.stats() == {"calls": 1, "input_tokens": 3, "output_tokens": 1}
+    assert response.id == "cotune-0" and response.usage.total_tokens == 4
