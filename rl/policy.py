@@ -197,7 +197,6 @@ class Policy:
         base = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code
         ).to(device)
-        torch.manual_seed(lora.seed)
         if adapter is not None:
             adapter_path = Path(adapter)
             if not (adapter_path / "adapter_config.json").exists():
@@ -205,7 +204,12 @@ class Policy:
             model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
             lora = _settings_from_peft(model)
         else:
-            model = get_peft_model(base, lora.to_peft())
+            # A fresh adapter's initial weights are a function of lora.seed alone, drawn from a forked RNG: loading a
+            # model must not reseed the caller's global torch RNG (their own seeding would silently be undone).
+            cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(lora.seed)
+                model = get_peft_model(base, lora.to_peft())
         model.eval()
         policy = cls(
             model=model,

@@ -67,16 +67,41 @@ def _failed_prediction(exc: Exception) -> tuple[dspy.Prediction, str]:
     return dspy.Prediction(**{ERROR_KEY: message}), message
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
+class RolloutThreads:
+    """The worker threads rollouts run on, kept across calls (one pool per size) until :meth:`close`.
 
+    Why an owner: starting 64 threads every step costs more than a tiny model's step, so a stage keeps its threads
+    for all its steps; and threads kept at module level would outlive every stage that used them. A stage opens one
+    (``with RolloutThreads() as threads:``) and passes it to each :func:`run_rollouts`; a lone call makes its own.
+    """
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A long-lived thread pool per size: starting 64 threads every step costs more than a tiny model's step."""
-    with _POOLS_LOCK:
-        if workers not in _POOLS:
-            _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"cotune-rollout{workers}")
-        return _POOLS[workers]
+    def __init__(self) -> None:
+        self._pools: dict[int, ThreadPoolExecutor] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def pool(self, workers: int) -> ThreadPoolExecutor:
+        """The pool of ``workers`` threads (made on first use)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("these rollout threads were closed; open a new RolloutThreads")
+            if workers not in self._pools:
+                self._pools[workers] = ThreadPoolExecutor(max_workers=workers,
+                                                          thread_name_prefix=f"cotune-rollout{workers}")
+            return self._pools[workers]
+
+    def close(self) -> None:
+        """Stop every thread (after the work already handed to them); idempotent."""
+        with self._lock:
+            pools, self._pools, self._closed = list(self._pools.values()), {}, True
+        for pool in pools:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> RolloutThreads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def run_rollouts(
@@ -91,6 +116,7 @@ def run_rollouts(
     adapter: dspy.Adapter | None = None,
     tag: Any = None,
     first_index: int = 0,
+    threads: RolloutThreads | None = None,
 ) -> list[Rollout]:
     """Run ``program`` ``num_generations`` times on each example, concurrently, and score each run.
 
@@ -108,6 +134,7 @@ def run_rollouts(
             seeds from it, so the same tag samples the same tokens whatever the thread scheduling.
         first_index: the ``example_index`` of ``examples[0]``; a caller that samples one batch in several calls
             (the weight stage's dynamic sampling) numbers them on, so that group ids and tags stay distinct.
+        threads: the caller's :class:`RolloutThreads`, reused across its calls; default: threads for this call only.
 
     Returns:
         ``len(examples) * num_generations`` rollouts, ordered by (example, sample).
@@ -151,4 +178,7 @@ def run_rollouts(
     with declared as done:
         if workers == 1:
             return [run(job) for job in jobs]
-        return list(_pool(workers).map(run, jobs))
+        if threads is not None:
+            return list(threads.pool(workers).map(run, jobs))
+        with RolloutThreads() as own:
+            return list(own.pool(workers).map(run, jobs))

@@ -49,7 +49,7 @@ from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import WeightStageConfig
 from rl.errors import CotuneRLError
 from rl.grpo import GRPOUpdater
-from rl.rollouts import Rollout, run_rollouts
+from rl.rollouts import Rollout, RolloutThreads, run_rollouts
 
 StepCallback = Callable[[dict[str, Any]], None]
 # A monitor sees each step's rollouts (completion texts, rewards, components) and returns events, e.g.
@@ -258,6 +258,7 @@ def train_weights(
     local_scale = "none" if parallel and config.scale_rewards == "batch" else config.scale_rewards
     end = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
     bar = _progress(progress and main, start, total_steps)
+    threads = RolloutThreads()  # the rollouts' threads, kept for every step of this stage and stopped at its end
     try:
         step = start
         # the budget ends the stage: with dynamic sampling a step may spend more than rollouts_per_step
@@ -283,6 +284,7 @@ def train_weights(
                     format_failure_score=config.format_failure_score,
                     num_threads=1 if config.deterministic else config.num_threads,
                     tag=(config.seed, step) if not parallel else (config.seed, step, rank), first_index=first,
+                    threads=threads,
                 )
                 rollouts += new
                 drawn += len(indices)
@@ -356,6 +358,7 @@ def train_weights(
     finally:
         if bar is not None:
             bar.close()
+        threads.close()
         updater.close()
     return WeightStageResult(steps=len(history), rollouts=rollouts_done, lm_calls=calls_done,
                              adapter_version=policy.version, history=history, resumed_from=resumed_from,

@@ -78,3 +78,19 @@ def test_adapter_round_trip_is_a_standard_peft_folder(fresh_policy, tmp_path):
     other = Policy.from_pretrained(fresh_policy.base_path, adapter=out, name="tiny-fresh")
     assert other.adapter_hash() == fresh_policy.adapter_hash()
     assert other.model_string.split("-")[-1] == fresh_policy.model_string.split("-")[-1]
+
+
+def test_loading_leaves_the_callers_rng_alone_and_the_fresh_adapter_follows_lora_seed(tiny_model_dir):
+    def lora_a(policy):
+        return {k: v.detach().clone() for k, v in policy.model.named_parameters() if "lora_A" in k}
+
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    first = Policy.from_pretrained(tiny_model_dir, name="rng-a", lora=LoraSettings(seed=5))
+    assert torch.equal(torch.rand(4), expected), "from_pretrained reseeded the global torch RNG"
+    again = Policy.from_pretrained(tiny_model_dir, name="rng-b", lora=LoraSettings(seed=5))
+    other = Policy.from_pretrained(tiny_model_dir, name="rng-c", lora=LoraSettings(seed=6))
+    a, b, c = lora_a(first), lora_a(again), lora_a(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same seed, the same adapter, whatever the RNG held
+    assert not all(torch.equal(a[k], c[k]) for k in a)

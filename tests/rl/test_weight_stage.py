@@ -335,3 +335,24 @@ def test_sigkilled_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k])
     # it really trained: lora_B starts at zero (lora_A is random from the start, so it proves nothing)
     assert any(not math.isclose(float(a[k].abs().sum()), 0.0) for k in a if "lora_B" in k)
+
+
+def test_rollout_threads_are_stopped_when_their_owner_closes(tiny_policy):
+    import threading
+
+    from rl.rollouts import RolloutThreads
+
+    def rollout_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("cotune-rollout") and t.is_alive()]
+
+    before = len(rollout_threads())
+    lm = tiny_policy.lm(temperature=1.0, max_tokens=16, cache=False)
+    examples = last_digit.load("train", 2)
+    with RolloutThreads() as threads:
+        run_rollouts(last_digit.predict_program(), examples, lm, last_digit.correct, 2, num_threads=4,
+                     threads=threads)
+        assert len(rollout_threads()) > before
+    run_rollouts(last_digit.predict_program(), examples, lm, last_digit.correct, 2, num_threads=4)  # its own
+    assert len(rollout_threads()) == before
+    with pytest.raises(RuntimeError, match="closed"):
+        threads.pool(4)
