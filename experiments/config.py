@@ -747,7 +747,7 @@ def _check_uri(uri: str, path: Path_) -> None:
 
 
 def _tune(value: Any, name: str) -> TuneSpec:
-    from optimizers.tune import TuneError, parse_param
+    from experiments.tuning import TuneError, parse_param
 
     if not isinstance(value, dict):
         raise _Problem(("tune",), f"must be a mapping (storage, space, ...), got {_kind(value)}")

@@ -210,7 +210,7 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
         arm: which schedule.
         seed: the run's seed (optimizers, sampling, LoRA init).
         tracker: an :class:`MlflowTracking` for this run (``None``: no tracking).
-        callbacks: more callbacks, run after the tracker (e.g. Optuna's :class:`optimizers.tune.PruneOnStage`).
+        callbacks: more callbacks, run after the tracker (e.g. Optuna's :class:`experiments.tuning.PruneOnStage`).
         output_dir: the run folder (default ``<exp.runs_dir>/<arm folder>/seed-<seed>``).
         resume: continue the interrupted run in ``output_dir`` (``optimize()`` refuses one with other settings).
         overwrite: when ``output_dir`` holds an earlier run (and not ``resume``), ``optimize()`` moves it aside to

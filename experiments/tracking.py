@@ -56,7 +56,6 @@ from filelock import FileLock
 
 from optimizers.callbacks import OptimizeCallback
 from optimizers.run_folder import process_alive
-from optimizers.tune import sqlite_file
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +158,21 @@ def describe_store(uri: str) -> str:
 
 
 def redact(uri: str) -> str:
-    """A URI safe to print: ``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
+    """A URI safe to print: ``scheme://user:secret@host`` -> ``scheme://user:***@host`` (tracking and Optuna
+    storage URLs alike)."""
     return re.sub(r"(//[^/:@]+):[^@/]*@", r"\1:***@", uri)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL (a tracking store or an Optuna storage), absolute (relative
+    paths are relative to the working folder, as for SQLAlchemy); None for other URLs and for in-memory sqlite.
+
+    >>> str(sqlite_file("sqlite:////tmp/optuna.db")), sqlite_file("postgresql://h/db"), sqlite_file("sqlite://")
+    ('/tmp/optuna.db', None, None)
+    """
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    return Path(url[len("sqlite:///"):].split("?", 1)[0]).absolute()
 
 
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:

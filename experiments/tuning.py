@@ -1,28 +1,57 @@
-"""``cotune tune``: an Optuna study over an experiment's ``tune.space``, one ``optimize()`` run per trial.
+"""Tuning with Optuna: an experiment's ``tune.space`` searched by a study, one ``optimize()`` run per trial
+(``cotune tune``).
 
-Why here: ``optimizers.tune`` knows Optuna (spaces, pruning, shared storage); this module knows experiments
-(tasks, models, MLflow). A worker process joins the study named in the file (creating it if it is the first),
-runs its share of trials and prints the best configuration so far. Start as many workers as you like, on one
-machine or several, with the same ``--storage`` (PostgreSQL or any SQLAlchemy URL across machines) and the same
-tracking server: trial numbers are assigned by the storage, so no trial is lost or run twice.
+Why one module: a trial *is* one ``optimize()`` call, so tuning needs four things, all here: (1) a search space
+over the same names the experiment files use (``schedule``, ``weights.learning_rate``, ``lora.r``,
+``prompt.max_bootstrapped_demos`` ...), (2) a callback that reports the val score after every stage and raises
+:class:`optuna.TrialPruned` when the pruner says so (``optimize()`` then stops, keeps what it saved and re-raises),
+(3) a study that several worker processes, on one machine or many, share through one storage: sqlite for a single
+machine, any SQLAlchemy URL (PostgreSQL, MySQL) across machines, or ``journal:PATH`` for Optuna's journal file, and
+(4) :func:`tune_experiment`, the worker: it joins the study named in the file (creating it if it is the first),
+runs its share of trials and prints the best configuration so far. Start as many workers as you like with the same
+``--storage`` and the same tracking server: trial numbers are assigned by the storage, so no trial is lost or run
+twice.
+
+Facts this module relies on (optuna 5.0): trial numbers are assigned under a row lock on the study, so
+concurrent workers never share a number; two processes creating the *tables* of a fresh sqlite file at once
+can collide (``table version_info already exists``), so opening a sqlite storage holds a lock file;
+``create_study`` with ``load_if_exists=False`` raises ``DuplicatedStudyError`` for all but one of several racing
+creators, which tells exactly one worker that it created the study.
 
 MLflow layout: one *study run* per study (tag ``cotune.kind=study``; created by the worker that created the
 study, its id kept in the study's user attributes so every worker nests under it), and one nested run per
 trial (tag ``cotune.kind=trial``, ``optuna.trial=<number>``) with the usual nested stage runs below it. The
 study run holds the best value so far, the best parameters (tags ``best.<param>``) and ``best_config.yaml``.
+
+Example:
+    >>> space = parse_space({"schedule": {"choices": ["p -> w", "w -> p"]},
+    ...                      "weights.learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}})
+    >>> study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    >>> params = suggest(study.ask(), space)
+    >>> sorted(params), params["schedule"] in ("p -> w", "w -> p")
+    (['schedule', 'weights.learning_rate'], True)
+    >>> apply_params({"weights": {"beta": 0.0}}, {"weights.learning_rate": 0.001})
+    {'weights': {'beta': 0.0, 'learning_rate': 0.001}}
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import os
+import random
 import sys
 import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import optuna
 import yaml
+from filelock import FileLock
 
 from experiments.config import ConfigError, Experiment
 from experiments.runner import _slug, run_one
@@ -32,20 +61,278 @@ from experiments.tracking import (
     check_tracking_uri,
     flatten,
     get_or_create_experiment,
+    redact,
     resolve_tracking_uri,
+    sqlite_file,
 )
-from optimizers.tune import (
-    PruneOnStage,
-    best_summary,
-    create_or_load_study,
-    make_pruner,
-    make_sampler,
-    open_storage,
-    parse_space,
-    redact_url,
-    run_trials,
-    suggest,
-)
+from optimizers.callbacks import OptimizeCallback
+
+__all__ = ["Param", "PruneOnStage", "TuneError", "TuneOutcome", "apply_params", "best_summary",
+           "create_or_load_study", "default_storage", "make_pruner", "make_sampler", "open_storage", "parse_param",
+           "parse_space", "run_trials", "suggest", "tune_experiment"]
+
+
+class TuneError(ValueError):
+    """A bad search space, sampler, pruner or storage (the message names the parameter and the fix)."""
+
+
+# --- search spaces ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting: categorical ``choices``, or a ``low``..``high`` range of ints or floats."""
+
+    name: str
+    kind: str  # "categorical", "int" or "float"
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices or ()))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+def _number(value: Any, what: str) -> float | int:
+    if isinstance(value, bool):
+        raise TuneError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise TuneError(f"{what} must be a number, got {value!r}") from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TuneError(f"{what} must be a finite number, got {value!r}")
+    return value
+
+
+def parse_param(name: str, spec: Any, kind_hint: str | None = None) -> Param:
+    """A :class:`Param` from its experiment-file form.
+
+    ``{choices: [a, b]}`` is categorical; ``{low: L, high: H}`` (with optional ``log: true``, ``step: S`` and
+    ``type: int|float``) is a range, of ints when ``type: int``, when ``kind_hint`` is ``"int"``, or when both
+    bounds are integers and nothing says float.
+
+    Raises:
+        TuneError: unknown keys, both or neither of choices and a range, low > high, log with low <= 0.
+    """
+    if not isinstance(spec, Mapping):
+        raise TuneError(f"{name}: a parameter is {{choices: [...]}} or {{low: L, high: H, log: false}}, got {spec!r}")
+    unknown = set(spec) - {"choices", "low", "high", "log", "step", "type"}
+    if unknown:
+        raise TuneError(f"{name}: unknown key(s) {sorted(unknown)}; use choices, or low/high/log/step/type")
+    if "choices" in spec:
+        if set(spec) - {"choices", "type"}:
+            raise TuneError(f"{name}: give either choices or a low/high range, not both")
+        choices = spec["choices"]
+        if not isinstance(choices, (list, tuple)) or not choices:
+            raise TuneError(f"{name}: choices must be a non-empty list, got {choices!r}")
+        for c in choices:
+            if c is not None and not isinstance(c, (bool, int, float, str)):
+                raise TuneError(f"{name}: choices must be numbers, strings, booleans or null, got {c!r}")
+        if len(set(map(repr, choices))) != len(choices):
+            raise TuneError(f"{name}: choices must be distinct, got {list(choices)}")
+        return Param(name, "categorical", choices=tuple(choices))
+    if "low" not in spec or "high" not in spec:
+        raise TuneError(f"{name}: needs choices: [...] or both low and high")
+    low, high = _number(spec["low"], f"{name}.low"), _number(spec["high"], f"{name}.high")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise TuneError(f"{name}: log must be true or false, got {log!r}")
+    step = _number(spec["step"], f"{name}.step") if spec.get("step") is not None else None
+    kind = spec.get("type") or kind_hint or ("int" if isinstance(low, int) and isinstance(high, int) else "float")
+    if kind not in ("int", "float"):
+        raise TuneError(f"{name}: type must be 'int' or 'float', got {kind!r}")
+    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+        raise TuneError(f"{name}: an int range needs integer bounds, got {low}..{high}")
+    if low > high:
+        raise TuneError(f"{name}: low ({low}) is above high ({high})")
+    if log and low <= 0:
+        raise TuneError(f"{name}: a log range needs low > 0, got {low}")
+    if log and step is not None:
+        raise TuneError(f"{name}: Optuna cannot combine log: true with a step")
+    if step is not None and step <= 0:
+        raise TuneError(f"{name}: step must be > 0, got {step}")
+    if kind == "int":
+        return Param(name, "int", low=int(low), high=int(high), log=log, step=int(step) if step else None)
+    return Param(name, "float", low=float(low), high=float(high), log=log, step=float(step) if step else None)
+
+
+def parse_space(space: Mapping[str, Any], kind_hints: Mapping[str, str] | None = None) -> dict[str, Param]:
+    """``{name: spec}`` -> ``{name: Param}`` (see :func:`parse_param`)."""
+    if not isinstance(space, Mapping) or not space:
+        raise TuneError("the search space is empty; give at least one parameter")
+    hints = kind_hints or {}
+    return {name: parse_param(name, spec, hints.get(name)) for name, spec in space.items()}
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, Param]) -> dict[str, Any]:
+    """One value per parameter for ``trial``: ``{"schedule": "p -> w", "weights.learning_rate": 0.003, ...}``."""
+    return {name: param.suggest(trial) for name, param in space.items()}
+
+
+def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` (nested dicts) with dotted ``params`` written into it; ``base`` is not modified."""
+    out = copy.deepcopy(dict(base))
+    for name, value in params.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TuneError(f"cannot set {name!r}: {part!r} is not a section")
+        node[leaf] = value
+    return out
+
+
+# --- pruning ------------------------------------------------------------------------------------
+
+
+class PruneOnStage(OptimizeCallback):
+    """Report the val score after every stage (step = stage index) and prune when the pruner says so.
+
+    The untuned baseline (stage 0) is not reported: it is the same for every trial of a study. Put this
+    callback *after* a tracking callback, so that the stage that triggers pruning is still logged.
+    """
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.reported: list[tuple[int, float]] = []
+
+    def on_stage_end(self, run, record) -> None:
+        if record.index == 0:
+            return
+        self.trial.report(float(record.val_score), step=record.index)
+        self.reported.append((record.index, float(record.val_score)))
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"trial {self.trial.number} pruned after stage {record.name} "
+                                     f"(val {record.val_score:.3f})")
+
+
+# --- samplers, pruners, storage ------------------------------------------------------------------
+
+
+def make_sampler(spec: Mapping[str, Any] | None, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """``{type: tpe|random, seed: S, n_startup_trials: N}``; worker ``k`` of a study passes ``seed_offset=k``
+    so that seeded workers do not propose identical configurations."""
+    spec = dict(spec or {"type": "tpe"})
+    kind = spec.pop("type", "tpe")
+    seed = spec.pop("seed", None)
+    seed = None if seed is None else int(seed) + seed_offset
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        kwargs = {"n_startup_trials": int(spec["n_startup_trials"])} if "n_startup_trials" in spec else {}
+        return optuna.samplers.TPESampler(seed=seed, **kwargs)
+    raise TuneError(f"unknown sampler {kind!r}; use 'tpe' or 'random'")
+
+
+def make_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:
+    """``{type: median|percentile|none, n_startup_trials: N, n_warmup_steps: W, percentile: P}``."""
+    spec = dict(spec or {"type": "median"})
+    kind = spec.pop("type", "median")
+    common = {"n_startup_trials": int(spec.get("n_startup_trials", 2)),
+              "n_warmup_steps": int(spec.get("n_warmup_steps", 0))}
+    if kind == "median":
+        return optuna.pruners.MedianPruner(**common)
+    if kind == "percentile":
+        return optuna.pruners.PercentilePruner(float(spec.get("percentile", 25.0)), **common)
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    raise TuneError(f"unknown pruner {kind!r}; use 'median', 'percentile' or 'none'")
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = 60, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """An Optuna storage several worker processes can share.
+
+    ``sqlite:///path``, ``postgresql+psycopg://user@host/db`` (any SQLAlchemy URL) or ``journal:PATH``.
+    RDB storages get a heartbeat: a trial whose worker died is marked FAIL by the next worker instead of
+    staying RUNNING forever. Opening retries, because racing processes can collide creating fresh tables.
+    """
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = url[len("journal:"):]
+        if not path:
+            raise TuneError("journal storage needs a path: journal:/path/to/optuna.journal")
+        return JournalStorage(JournalFileBackend(path))
+    if "://" not in url:
+        raise TuneError(f"storage {url!r} is not a URL; use sqlite:///optuna.db, postgresql+psycopg://... "
+                        "or journal:PATH")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 120}  # wait for the other worker's write lock
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": 4 * heartbeat_interval} \
+        if heartbeat_interval else {}
+    # Creating the tables of a fresh sqlite file is serialised by a lock file beside it (racing creators can leave a
+    # half-made schema); other databases get retries, since their workers may sit on different machines.
+    sqlite = sqlite_file(url)
+    lock = FileLock(f"{sqlite}.lock") if sqlite is not None else contextlib.nullcontext()
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with lock, warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5.0 and work as documented
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        except ImportError as exc:
+            raise TuneError(f"storage {redact(url)}: a database driver is missing ({exc}); for PostgreSQL "
+                            "install psycopg[binary] (pip install 'cotune[postgres]')") from exc
+        except Exception as exc:  # noqa: BLE001 - table-creation races; the last error is raised below
+            last = exc
+            time.sleep(0.5 + random.random() * (attempt + 1))
+    raise TuneError(f"cannot open Optuna storage {redact(url)}: {type(last).__name__}: "
+                    f"{str(last).splitlines()[0] if last else ''}")
+
+
+def create_or_load_study(name: str, storage: optuna.storages.BaseStorage | str, *, direction: str = "maximize",
+                         sampler: optuna.samplers.BaseSampler | None = None,
+                         pruner: optuna.pruners.BasePruner | None = None) -> tuple[optuna.Study, bool]:
+    """The study ``name`` in ``storage``, and whether this call created it (exactly one racing worker does)."""
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction=direction, sampler=sampler,
+                                    pruner=pruner, load_if_exists=False)
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    if len(study.directions) != 1 or study.direction.name.lower() != direction:
+        raise TuneError(f"study {name!r} already exists with direction {study.direction.name.lower()}, "
+                        f"not {direction}; use another study name")
+    return study, False
+
+
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int, *,
+               catch: Iterable[type[Exception]] = (ValueError,),
+               callbacks: Iterable[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = ()) -> None:
+    """Run ``n_trials`` trials *in this worker* (other workers on the same study add theirs).
+
+    Config errors (``ValueError``: a bad combination the sampler proposed) fail that trial and the study goes
+    on; anything else stops this worker after marking its trial FAIL.
+    """
+    if n_trials < 1:
+        raise TuneError(f"the number of trials must be >= 1, got {n_trials}")
+    study.optimize(objective, n_trials=n_trials, catch=tuple(catch), callbacks=list(callbacks),
+                   gc_after_trial=True, show_progress_bar=False)
+
+
+def best_summary(study: optuna.Study) -> dict[str, Any] | None:
+    """``{"number", "value", "params"}`` of the best finished trial, or ``None`` when no trial completed."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if not done:
+        return None
+    best = study.best_trial
+    return {"number": best.number, "value": best.value, "params": dict(best.params)}
+
+
+# --- the worker: one experiment's study ----------------------------------------------------------
+
 
 STUDY_RUN_ATTR = "mlflow_run_id"
 WAIT_FOR_STUDY_RUN_S = 120
@@ -70,7 +357,7 @@ def _study_run(client, experiment_id: str, study: optuna.Study, created: bool, e
     """The study's MLflow run: created by the worker that created the study, found by the others."""
     if created:
         run = client.create_run(experiment_id, run_name=f"study-{study.study_name}", tags={
-            KIND_TAG: "study", "optuna.study": study.study_name, "optuna.storage": redact_url(storage),
+            KIND_TAG: "study", "optuna.study": study.study_name, "optuna.storage": redact(storage),
             "task": exp.task_name, "experiment": exp.name})
         run_id = run.info.run_id
         params = {f"space.{k}": v for k, v in flatten(exp.tune.space).items()} if exp.tune else {}
@@ -110,7 +397,7 @@ def tune_experiment(exp: Experiment, n_trials: int, *, storage: str | None = Non
 
     Raises:
         ConfigError: no ``tune:`` section.
-        optimizers.tune.TuneError: a storage that cannot be opened.
+        TuneError: a storage that cannot be opened.
         experiments.tracking.TrackingError: an unreachable tracking store.
     """
     out = out or sys.stdout
@@ -138,7 +425,7 @@ def tune_experiment(exp: Experiment, n_trials: int, *, storage: str | None = Non
         for params in spec.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
     study_run_id = _study_run(client, experiment_id, study, created, exp, storage_url)
-    print(f"[cotune] study {name!r} in {redact_url(storage_url)} ({'created' if created else 'joined'}), worker "
+    print(f"[cotune] study {name!r} in {redact(storage_url)} ({'created' if created else 'joined'}), worker "
           f"{worker_index}: {n_trials} trial(s); MLflow study run {study_run_id} in {uri}", file=out, flush=True)
 
     def objective(trial: optuna.Trial) -> float:

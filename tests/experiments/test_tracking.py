@@ -130,7 +130,7 @@ RACE = """
 import sys, time
 from experiments.tracking import check_tracking_uri
 from mlflow import MlflowClient
-from optimizers.tune import create_or_load_study, open_storage
+from experiments.tuning import create_or_load_study, open_storage
 start = float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))  # every process opens the fresh files at the same moment
 check_tracking_uri(sys.argv[1])

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from optimizers.tune import (
+from experiments.tracking import redact
+from experiments.tuning import (
     PruneOnStage,
     TuneError,
     apply_params,
@@ -17,7 +18,6 @@ from optimizers.tune import (
     open_storage,
     parse_param,
     parse_space,
-    redact_url,
     suggest,
 )
 
@@ -81,7 +81,7 @@ def test_workers_samplers_differ_and_urls_are_redacted():
         study = optuna.create_study(sampler=make_sampler({"type": "random", "seed": 3}, seed_offset=k))
         draws.append(study.ask().suggest_float("x", 0, 1))
     assert draws[0] != draws[1]
-    assert redact_url("postgresql+psycopg://bob:s3cret@db:5432/optuna") == "postgresql+psycopg://bob:***@db:5432/optuna"
+    assert redact("postgresql+psycopg://bob:s3cret@db:5432/optuna") == "postgresql+psycopg://bob:***@db:5432/optuna"
 
 
 @pytest.mark.slow
