@@ -26,7 +26,9 @@ counted (:attr:`PromptStageResult.failures`); nothing is cancelled. A run the bu
 BootstrapFewShotWithRandomSearch is run candidate by candidate here, from DSPy's own pieces (``LabeledFewShot``,
 ``BootstrapFewShot``, ``Evaluate``), in DSPy's order: the program as it is, labelled demos only, bootstrapped demos
 (trainset order), then bootstrapped demos from seed-shuffled trainsets. When the budget wall is hit mid-search the
-best candidate scored before it is returned, not the program the stage started from.
+best candidate scored before it is returned, not the program the stage started from. When the first demo candidates
+all score below the program as it is (``PromptStageConfig.patience``), the search ends there and keeps the program:
+the share it did not spend passes to the next stages, where a weight stage can use it.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class PromptStageConfig:
         seed: Seed of the optimizer's own sampling and of the trainset order it sees (runs with different
             seeds bootstrap from different examples; BootstrapFewShotWithRandomSearch's own candidate seeds
             are fixed, so without the shuffle every seed would pick the same demos).
+        patience: bootstrap_rs: end the search when this many demo candidates in a row scored below the program
+            as it is, before any has beaten it (None: score every planned candidate). Demos that hurt the first
+            three times rarely help the fourth (a model warm-started without them, a program whose fields the
+            demos make it skip), and the rollouts not spent here pass to the next stages of the schedule.
     """
 
     optimizer: str = "bootstrap_rs"
@@ -105,6 +111,7 @@ class PromptStageConfig:
     num_threads: int = 8
     format_failure_score: float = 0.0
     seed: int = 0
+    patience: int | None = 3
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -115,6 +122,8 @@ class PromptStageConfig:
         for name in ("max_bootstrapped_demos", "max_labeled_demos"):
             if getattr(self, name) < 0:
                 raise PromptStageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.patience is not None and self.patience < 1:
+            raise PromptStageError(f"patience must be >= 1 or None (score every candidate), got {self.patience}")
         for name in ("num_candidate_programs", "max_steps", "minibatch_size", "num_threads"):
             if getattr(self, name) < 1:
                 raise PromptStageError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -364,26 +373,35 @@ def _candidate(name: str, student: dspy.Module, trainset: list, rubric: Rubric, 
 
 
 def _random_search(student: dspy.Module, trainset: list, scoring: list, rubric: Rubric, config: PromptStageConfig,
-                   plan: PromptPlan, counter: _RunCounter) -> tuple[dspy.Module, list[dict[str, Any]], bool]:
-    """Build and score ``plan.candidate_names`` in order; the best scored one, every score, and whether the
-    budget wall was hit (a candidate the wall cut short is not scored: its score would not be comparable)."""
+                   plan: PromptPlan, counter: _RunCounter) -> tuple[dspy.Module, list[dict[str, Any]], str]:
+    """Build and score ``plan.candidate_names`` in order. Returns the best scored one, every score, and why the
+    search ended before the plan did: ``"wall"`` (the budget; a candidate the wall cut short is not scored, its
+    score would not be comparable), ``"patience"`` (``config.patience`` demo candidates in a row scored below the
+    program as it is, none above it) or ``""``."""
     evaluate = dspy.Evaluate(devset=scoring, metric=rubric.as_dspy_metric(), num_threads=config.num_threads,
                              max_errors=NO_CANCEL, failure_score=config.format_failure_score,
                              display_progress=False, provide_traceback=False)
     best, best_score, scored = student, None, []
+    current_score, worse_in_a_row = None, 0
     for name in plan.candidate_names:
         refused = counter.refused
         program = _candidate(name, student, trainset, rubric, config)
         if counter.refused > refused:
-            return best, scored, True
+            return best, scored, "wall"
         score = evaluate(program).score / 100.0
         if counter.refused > refused:
-            return best, scored, True
+            return best, scored, "wall"
         scored.append({"candidate": name, "score": score, "demos": sum(len(p.demos) for p in program.predictors())})
         logger.info("prompt stage: candidate %s scored %.3f on %d val examples", name, score, len(scoring))
         if best_score is None or score > best_score:
             best, best_score = program, score
-    return best, scored, False
+        if name == "current":
+            current_score = score
+        elif current_score is not None and best_score <= current_score:
+            worse_in_a_row += score < current_score
+            if config.patience is not None and worse_in_a_row >= config.patience:
+                return best, scored, "patience"
+    return best, scored, ""
 
 
 # --- the stage ------------------------------------------------------------------------------------------------
@@ -455,14 +473,14 @@ def prompt_stage(program: dspy.Module, trainset: Sequence[dspy.Example], valset:
     counter = _RunCounter(program_shape(student))
     callbacks = list(dspy.settings.get("callbacks") or []) + [counter]
     result = PromptStageResult(program=program, plan=plan)
-    wall = False
+    ended = ""
     with dspy.context(lm=lm, adapter=adapter or dspy.ChatAdapter(use_json_adapter_fallback=False),
                       max_errors=NO_CANCEL, callbacks=callbacks):
         try:
             if teleprompter is not None:
                 result.program = _call_compile(teleprompter, student, trainset, None if valset is None else scoring)
             elif config.optimizer == "bootstrap_rs":
-                result.program, result.candidates, wall = _random_search(student, trainset, scoring, as_rubric(metric),
+                result.program, result.candidates, ended = _random_search(student, trainset, scoring, as_rubric(metric),
                                                                          config, plan, counter)
             else:
                 optimizer = _build(plan.config, as_rubric(metric), lm, prompt_lm, reflection_lm, len(trainset))
@@ -475,7 +493,11 @@ def prompt_stage(program: dspy.Module, trainset: Sequence[dspy.Example], valset:
                            "kept the program the stage started from")
     result.runs, result.failures, result.refused = counter.runs, counter.failures, counter.refused
     result.first_failure = counter.first_failure
-    if not result.note and (wall or counter.refused):
+    if ended == "patience":
+        result.note = (f"ended the search after {len(result.candidates)} of {plan.candidates} candidates: "
+                       f"{config.patience} demo candidates in a row scored below the program as it is; kept it, and "
+                       "the unspent share passes to the next stages")
+    if not result.note and (ended == "wall" or counter.refused):
         if config.optimizer == "bootstrap_rs" and teleprompter is None:
             best = max(result.candidates, key=lambda c: c["score"], default=None)
             result.note = (f"budget share spent after {len(result.candidates)} of {plan.candidates} candidates; "

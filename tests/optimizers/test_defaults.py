@@ -197,30 +197,34 @@ def test_prompt_stage_alone_at_budget_400_gains_on_held_out_questions(fresh_poli
     assert stage.details["val_examples_per_candidate"] < len(val)  # scored on a subsample, recorded on all 300
 
 
-@pytest.mark.slow
-def test_a_users_chain_of_thought_program_runs_through_with_default_settings(fresh_policy, tmp_path):
-    """Demos make the tiny model skip ``reasoning`` on some questions; DSPy's Evaluate used to cancel the whole
-    search on the 10th parse failure and crash ``optimize()``. Now each failure is a scored, counted example.
+@pytest.fixture(scope="module")
+def untuned_cot(tiny_model_dir, heldout):
+    from rl.policy import Policy
 
-    What is achievable, and so what is asserted: the tiny model was warm-started with demos only in the
-    ``question -> answer`` format, so no demo set helps its chain of thought (on the val subsample: the program as
-    it is 0.60, labelled demos 0.23, bootstrapped ones 0.15-0.48). The prompt stage must keep the program as it is;
-    the gain is GRPO's, on what the prompt stage leaves. A 15-point gain is not reliably reachable at budget <= 1000:
-    measured held-out 0.44 -> 0.57 at 800 (seed 0), 0.44 -> 0.63 and 0.43 -> 0.48 at 1000 (seeds 0, 1).
-    """
-    train, val = _user_data(0)
-    heldout = last_digit.load("test", 200, seed=0)
-    untuned = _accuracy(Solver(chain_of_thought=True), fresh_policy, heldout)
+    return _accuracy(Solver(chain_of_thought=True), Policy.from_pretrained(tiny_model_dir, name="tiny-untuned"),
+                     heldout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_users_chain_of_thought_program_gains_15_points_with_default_settings(fresh_policy, heldout, untuned_cot,
+                                                                                seed, tmp_path):
+    """Demos make the tiny model skip ``reasoning`` on some questions (it was warm-started with demos only in the
+    ``question -> answer`` format), so here no demo set beats the program as it is. Two things must hold: the
+    parse failures are scored and counted (DSPy's Evaluate alone cancels the search at the 10th and crashes
+    ``optimize()``), and the prompt stage gives up after ``patience`` demo candidates that hurt, keeping the
+    program and passing the unspent share to GRPO, which is where this program's gain is."""
+    train, val = _user_data(seed)
     result = optimize(Solver(chain_of_thought=True), train, val, metric=exact_match, policy=fresh_policy,
-                      schedule="p -> w", budget=800, seed=0, output_dir=tmp_path / "run", progress=False)
+                      schedule="p -> w", budget=1000, seed=seed, output_dir=tmp_path / "run", progress=False)
     tuned = _accuracy(result.program, fresh_policy, heldout)
     baseline, p, w = result.history
-    print("cot: val", [(r.name, round(r.val_score, 3), r.spend["rollouts"]) for r in result.history],
+    print(f"cot seed {seed}: val", [(r.name, round(r.val_score, 3), r.spend["rollouts"]) for r in result.history],
           "p candidates", p.details["candidates"], "failures", p.details["failures"],
-          f"held-out test {untuned:.3f} -> {tuned:.3f}")
-    assert p.details["failures"] > 0 and "AdapterParseError" in p.details["first_failure"] and not p.note
-    assert len(p.details["candidates"]) == 7  # every planned candidate was scored: nothing cancelled the search
+          f"held-out test {untuned_cot:.3f} -> {tuned:.3f}")
+    assert tuned >= untuned_cot + 0.15, (untuned_cot, tuned)
+    assert p.details["failures"] > 0 and "AdapterParseError" in p.details["first_failure"]
+    assert "demo candidates in a row scored below the program as it is" in p.note
     assert max(p.details["candidates"], key=lambda c: c["score"])["candidate"] == "current"
     assert p.val_score == baseline.val_score  # the program as it was, not a worse candidate
-    assert w.details["steps"] >= 1 and w.val_score > baseline.val_score
-    assert tuned > untuned, (untuned, tuned)
+    assert w.spend["rollouts"] > 1000 // 2 and result.spend["rollouts"] <= 1000  # w got what p left

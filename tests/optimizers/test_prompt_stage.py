@@ -224,3 +224,23 @@ def test_at_the_budget_wall_the_best_candidate_scored_so_far_is_kept(tiny_policy
     assert "budget share spent after 2 of 5 candidates; kept the best scored before it" in out.note
     scores = {c["candidate"]: c["score"] for c in out.candidates}
     assert scores["labeled"] > scores["current"] and len(out.program.demos) == 3  # not the program it started from
+
+
+@pytest.mark.slow
+def test_when_demos_only_hurt_the_search_ends_early_and_keeps_the_program(tiny_policy):
+    """The tiny model was warm-started with demos only in the ``question -> answer`` format, so demos make its
+    ChainOfThought skip ``reasoning`` (a weakness of its training data, as a weaker teacher's would be). After
+    ``patience`` demo candidates in a row below the program as it is, the search stops: the rest of the share is
+    left for the next stages instead of scoring more demo sets that hurt."""
+    from optimizers.prompt_stage import prompt_stage
+
+    program = dspy.ChainOfThought("question -> answer")
+    config = PromptStageConfig("bootstrap_rs", num_candidate_programs=4, num_threads=8, minibatch_size=32, seed=SEED)
+    out = prompt_stage(program, last_digit.load("train", 24, seed=SEED), last_digit.load("val", 64, seed=SEED),
+                       last_digit.correct, lm=_lm(tiny_policy), config=config, rollouts=400)
+    scores = {c["candidate"]: c["score"] for c in out.candidates}
+    print("cot candidates", out.candidates, "runs", out.runs, "of", out.plan.candidates, "x", out.plan.val_examples)
+    assert list(scores) == ["current", "labeled", "bootstrap", "bootstrap-0"]  # 4 of the 7 planned
+    assert all(scores[name] < scores["current"] for name in ("labeled", "bootstrap", "bootstrap-0"))
+    assert "3 demo candidates in a row scored below the program as it is" in out.note
+    assert sum(len(p.demos) for p in out.program.predictors()) == 0 and out.runs < 400 * 0.7
