@@ -47,7 +47,11 @@ def rank() -> int:
 
 
 def is_distributed() -> bool:
-    """True under a multi-process launcher (``accelerate launch`` with ``num_processes > 1``, torchrun)."""
+    """True under a multi-process launcher (``accelerate launch`` with ``num_processes > 1``, torchrun).
+
+    The one answer to "am I data-parallel?" for the whole project (weight stage, self-training, GRPO updater,
+    ``optimize()``, the CLI); the GRPO updater refuses to start when accelerate's own count disagrees with it.
+    """
     return world_size() > 1
 
 

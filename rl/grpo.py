@@ -148,7 +148,12 @@ class GRPOUpdater:
             trl_seam.enable_importance_sampling(self.trainer)
         self._corrected = False
         self.accelerator = self.trainer.accelerator
-        self.distributed = self.accelerator.num_processes > 1
+        self.distributed = distributed.is_distributed()  # the one answer to "am I data-parallel?"
+        if self.accelerator.num_processes != distributed.world_size():
+            raise UnsupportedDistributedError(
+                f"accelerate runs {self.accelerator.num_processes} process(es) but this is one of "
+                f"{distributed.world_size()} (WORLD_SIZE / the process group); launch with `accelerate launch` or "
+                "`torchrun`, which set both")
         self.model = self.trainer.model  # what the loss runs through: the DDP wrapper under several processes
         if self.distributed:
             self._prepare_data_parallel()

@@ -230,8 +230,7 @@ def train_weights(
 
     total_steps = config.max_steps
     updater = GRPOUpdater(policy, config, total_steps)
-    # Data parallel when the trainer's accelerator runs several processes (accelerate launch / torchrun).
-    parallel = updater.distributed
+    parallel = distributed.is_distributed()  # several processes (accelerate launch / torchrun); the updater agrees
     rank, world = (distributed.rank(), distributed.world_size()) if parallel else (0, 1)
     main = rank == 0
     if config.examples_per_step < world:
