@@ -1,6 +1,6 @@
 """The policy engine on the real tiny model: DSPy seam, batching, sampling, versions, traces.
 
-The model's quality band (parse rate, headroom, demos) is asserted in tests/programs/test_embedded.py.
+The model's quality band (parse rate, headroom, demos) is asserted in tests/embedded/test_tiny.py.
 """
 
 from __future__ import annotations
