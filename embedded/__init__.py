@@ -5,6 +5,7 @@ while ``programs`` must run on any ``dspy.LM`` and import nothing from ``rl``. S
 ``embedded -> rl`` and ``embedded -> programs``; nothing below imports ``embedded``.
 
 - ``embedded.tiny``: the last-digit model, the default for tests, ``make demo`` and the quickstart.
+- ``embedded.agent``: the ReAct agent model of ``react_tools`` (whole episodes, an imperfect teacher).
 
 Example:
     >>> from embedded import tiny_model_path
@@ -12,6 +13,17 @@ Example:
     'tiny-last-digit'
 """
 
+from embedded.agent import (
+    AGENT_NAME,
+    AgentMeasurement,
+    agent_band_problems,
+    agent_model_path,
+    agent_policy,
+    measure_agent,
+    measure_agent_band,
+    ship_agent_model,
+    shipped_agent_model_path,
+)
 from embedded.tiny import (
     BAND_ARMS,
     INFO_FILE,
@@ -30,6 +42,8 @@ from embedded.tiny import (
 )
 
 __all__ = [
+    "AGENT_NAME", "AgentMeasurement", "agent_band_problems", "agent_model_path", "agent_policy", "measure_agent",
+    "measure_agent_band", "ship_agent_model", "shipped_agent_model_path",
     "BAND_ARMS", "INFO_FILE", "SETTINGS_FILE", "SHIPPED_DIR", "SHIPPED_SEED", "TINY_NAME", "EmbeddedModelError",
     "band_problems", "measure_band", "recipe_build_dir", "ship_tiny_model", "shipped_tiny_model_path",
     "tiny_model_path", "tiny_policy",

@@ -8,6 +8,7 @@ thin shell over the Python API; errors from cotune become a one-line message and
     cotune tune EXPERIMENT.yaml --trials N   # one Optuna worker on the experiment's study (start several)
     cotune export RUN_OR_BUNDLE OUT   # a stand-alone bundle (program + PEFT adapter [+ merged weights])
     cotune model build tiny           # build (or reuse) the embedded test model, then report its accuracy
+    cotune model build agent          # the same for the embedded ReAct agent model (its band per question kind)
     cotune model eval PATH            # parse rate and accuracy of any local model on the default task
 
 Tracking URI: ``--tracking-uri`` > the file's ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > ``./mlflow.db``.
@@ -27,10 +28,8 @@ from pathlib import Path
 def _cmd_model_build(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from embedded import tiny_model_path
-
-    if args.name != "tiny":
-        raise SystemExit(f"cotune: unknown model {args.name!r}; the embedded model is 'tiny'")
+    if args.name not in ("tiny", "agent"):
+        raise SystemExit(f"cotune: unknown model {args.name!r}; the embedded models are 'tiny' and 'agent'")
     bar = None
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -41,17 +40,37 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{loss:.3f}")
 
     start = time.time()
-    path = tiny_model_path(seed=args.seed, progress=progress, force=args.force, from_recipe=True)
+    if args.name == "agent":
+        from embedded import agent_model_path
+
+        path = agent_model_path(seed=args.seed, progress=progress, force=args.force, from_recipe=True)
+    else:
+        from embedded import tiny_model_path
+
+        path = tiny_model_path(seed=args.seed, progress=progress, force=args.force, from_recipe=True)
     if bar is not None:
         bar.close()
-    print(f"tiny model built from its recipe at {path} ({time.time() - start:.0f}s)")
+    print(f"{args.name} model built from its recipe at {path} ({time.time() - start:.0f}s)")
+    measured = None
     if not args.no_eval:
         _threads(args.threads)  # for the report only: the warm-start training keeps torch's default
-        _report(path, args.eval_size)
-    if args.ship:
-        from embedded import ship_tiny_model
+        if args.name == "agent":  # the band on the 72 held-out react_tools questions, per question kind
+            from embedded import agent_band_problems, measure_agent_band
 
-        print(f"shipped: {ship_tiny_model(path)}")
+            measured = measure_agent_band(path)
+            print("in the band" if not agent_band_problems(measured) else
+                  "OUT of the band: " + "; ".join(agent_band_problems(measured)))
+        else:
+            _report(path, args.eval_size)
+    if args.ship:
+        if args.name == "agent":
+            from embedded import ship_agent_model
+
+            print(f"shipped: {ship_agent_model(path, measured=measured)}")
+        else:
+            from embedded import ship_tiny_model
+
+            print(f"shipped: {ship_tiny_model(path)}")
     return 0
 
 
@@ -251,18 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_cmd_export)
 
     model = sub.add_parser("model", help="build or inspect local models").add_subparsers(dest="model_cmd", required=True)
-    build = model.add_parser("build", help="rebuild the embedded tiny model from its recipe (cached under "
+    build = model.add_parser("build", help="rebuild an embedded model (tiny or agent) from its recipe (cached under "
                                            "$COTUNE_CACHE); the shipped weights need no build",
-                             description="Build the recipe of the shipped tiny model on this machine and report "
+                             description="Build the recipe of a shipped embedded model on this machine and report "
                                          "whether it lands in the quality band. Builds differ across CPUs; "
                                          "--ship copies the build over the shipped weights (for maintainers).")
-    build.add_argument("name", choices=["tiny"], help="which embedded model to build")
+    build.add_argument("name", choices=["tiny", "agent"], help="which embedded model to build: tiny (last digit) "
+                                                             "or agent (react_tools ReAct episodes)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     build.add_argument("--no-eval", action="store_true", help="skip the accuracy report after building")
     build.add_argument("--ship", action="store_true", help="copy the build into embedded/weights/ (replaces the "
                                                            "shipped weights; every recorded number changes)")
-    build.add_argument("--eval-size", type=int, default=500, help="held-out questions for the report")
+    build.add_argument("--eval-size", type=int, default=500, help="held-out questions for the tiny model's report "
+                                                                  "(the agent's band uses its 72 test questions)")
     build.add_argument("--threads", type=int, help="torch CPU threads for the report (1 is fastest for the tiny "
                                                    "model on 2 cores)")
     build.set_defaults(func=_cmd_model_build)
