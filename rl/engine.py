@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,14 +42,10 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class _Job:
-    messages: list[dict[str, str]]
-    temperature: float
-    top_p: float | None
-    top_k: int | None
-    max_tokens: int
-    stop: tuple[str, ...]
-    seed: int
+class _Job(Sampling):
+    """A request queued for the batching worker: its settings (``max_tokens`` clipped by the worker when the prompt
+    nears the context window), its prompt ids once encoded, and the future its caller waits on."""
+
     prompt_ids: list[int] | None = None
     future: Future = field(default_factory=Future)
 
@@ -225,8 +221,7 @@ class BatchedEngine(PolicyEngine):
 
     def _generate(self, sampling: Sampling) -> Generation:
         """Queue the request for the batching worker and wait for its row of the batch."""
-        job = _Job(messages=sampling.messages, temperature=sampling.temperature, top_p=sampling.top_p,
-                   top_k=sampling.top_k, max_tokens=sampling.max_tokens, stop=sampling.stop, seed=sampling.seed)
+        job = _Job(**{f.name: getattr(sampling, f.name) for f in fields(Sampling)})
         self._ensure_worker()
         self._queue.put(job)
         result: _Result = job.future.result()

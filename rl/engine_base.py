@@ -52,7 +52,7 @@ def chat_messages(request: Request) -> list[dict[str, str]]:
     ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sampling:
     """One request as an engine generates it: the chat messages and the sampling settings, seed resolved.
 
