@@ -79,7 +79,10 @@ class Crash(OptimizeCallback):
             raise self.error
 
 
-@pytest.mark.parametrize("error,status", [(RuntimeError("disk on fire"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+@pytest.mark.parametrize("error,status", [
+    (RuntimeError("disk on fire"), "FAILED"),
+    pytest.param(KeyboardInterrupt(), "KILLED", marks=pytest.mark.slow),  # the same path; make test-fast runs one
+])
 def test_a_crash_marks_runs_and_keeps_what_was_logged(fresh_policy, tmp_path, one_thread, error, status):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = MlflowTracking(uri, "crash-test")
@@ -98,6 +101,7 @@ def test_a_crash_marks_runs_and_keeps_what_was_logged(fresh_policy, tmp_path, on
     assert not client.search_runs([parent.info.experiment_id], "attributes.status = 'RUNNING'")
 
 
+@pytest.mark.slow  # two optimize() runs (crash, then resume): ~20 s on 2 cores
 def test_a_resumed_run_logs_its_restored_stages(fresh_policy, tmp_path, one_thread):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = MlflowTracking(uri, "resume-test")
@@ -139,6 +143,7 @@ create_or_load_study("s", open_storage(sys.argv[2], heartbeat_interval=None))
 """
 
 
+@pytest.mark.slow  # four processes that import cotune and wait for one start time: ~40 s on 2 cores
 def test_processes_racing_to_create_one_sqlite_store_all_succeed(tmp_path):
     # CI once lost a `cotune tune` worker to "table _alembic_tmp_experiments already exists": two processes migrated
     # one fresh mlflow.db at once and left it half-made. The first open now holds a lock file beside the database.
