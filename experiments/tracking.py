@@ -66,6 +66,7 @@ PROGRAM_HASH_TAG = "cotune.program_hash"  # the returned program's prompts + ada
 HOST_TAG, PID_TAG, RUN_DIR_TAG = "cotune.host", "cotune.pid", "cotune.run_dir"  # who owns a RUNNING run
 RUN_IDS_FILE = "mlflow.json"  # in the run folder: the parent and stage run ids, for a resume
 MAX_PARAM_CHARS = 6000
+DEFAULT_TRACES_PER_STAGE = 4  # rollouts (w) and val predictions (every stage) per stage, as MLflow traces
 
 
 class TrackingError(RuntimeError):
@@ -296,12 +297,19 @@ class MlflowTracking(OptimizeCallback):
         extra_params: more params for the parent run (flattened), e.g. a trial's sampled values.
         resume: the run resumes ``optimize(resume=True)``: continue the parent and stage runs whose ids the run
             folder keeps (``mlflow.json``) instead of opening new ones.
+        traces_per_stage: rollouts of each weight stage, and val predictions of each stage's evaluation, logged as
+            MLflow traces (:mod:`experiments.traces`) for review; 0 turns traces off. Sets the process's tracking
+            URI when on (MLflow writes traces there).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, *, tags: Mapping[str, Any] | None = None,
                  run_name: str | None = None, parent_run_id: str | None = None, log_artifacts: bool = True,
-                 extra_params: Mapping[str, Any] | None = None, resume: bool = False) -> None:
+                 extra_params: Mapping[str, Any] | None = None, resume: bool = False,
+                 traces_per_stage: int = DEFAULT_TRACES_PER_STAGE) -> None:
         from mlflow import MlflowClient
+
+        if not isinstance(traces_per_stage, int) or traces_per_stage < 0:
+            raise TrackingError(f"traces_per_stage must be an int >= 0 (0: no traces), got {traces_per_stage!r}")
 
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -322,6 +330,10 @@ class MlflowTracking(OptimizeCallback):
         self._rollouts_before = 0
         self._started = 0.0
         self.errors = 0
+        self.traces_per_stage = traces_per_stage
+        self.traces: dict[int, list[str]] = {}  # stage index -> trace ids logged (rollouts, then val predictions)
+        self.trace_seconds: dict[int, float] = {}  # stage index -> seconds spent logging them
+        self._process_uri: str | None = None  # the process's tracking URI before this run set it (traces on)
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -381,6 +393,11 @@ class MlflowTracking(OptimizeCallback):
 
         self._started = time.time()
         self.experiment_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
+        if self.traces_per_stage:  # traces go to the process's store (experiments/traces.py); put back at the end
+            import mlflow
+
+            self._process_uri = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(self.tracking_uri)
         self._run_dir = Path(run.output_dir).resolve() if run.output_dir is not None else None
         params = run.params
         tags = {"arm": run.arm, "schedule": params.get("schedule", ""), "seed": run.seed,
@@ -519,6 +536,41 @@ class MlflowTracking(OptimizeCallback):
         if self.run_id is not None:
             self._safe("log step", self._log_batch, self.run_id, {f"train/{k}": v for k, v in values.items()}, step)
 
+    def _log_traces(self, index: int, cases: list) -> None:
+        from experiments.traces import log_traces
+
+        start = time.perf_counter()
+        ids = self._safe("log traces", log_traces, cases, self.experiment_id, self.stage_runs.get(index) or self.run_id)
+        self.traces.setdefault(index, []).extend(ids or [])
+        self.trace_seconds[index] = self.trace_seconds.get(index, 0.0) + time.perf_counter() - start
+
+    def _trace_tags(self, run, index: int, stage: str, **more: Any) -> dict[str, Any]:
+        return {"cotune.run": self.run_id, "cotune.stage": f"{index}-{stage}", "cotune.stage_index": index,
+                "cotune.arm": run.arm, "cotune.seed": run.seed, **more}
+
+    def on_rollouts(self, run, index: int, step: int, rollouts, predictor_name) -> None:
+        """Log the first ``traces_per_stage`` rollouts of the stage (different examples where it can)."""
+        from experiments.traces import from_rollout, sample_rollouts
+
+        left = self.traces_per_stage - len(self.traces.get(index, []))
+        if self.run_id is None or left <= 0:
+            return
+        tags = self._trace_tags(run, index, "w", **{"cotune.step": step, "cotune.source": "rollout"})
+        self._log_traces(index, [from_rollout(r, predictor_name, tags) for r in sample_rollouts(rollouts, left)])
+
+    def on_evaluation(self, run, record, evaluation) -> None:
+        """Log the stage's greedy predictions on the first ``traces_per_stage`` val examples (the same examples
+        after every stage, so a reviewer can follow one question through the run)."""
+        from experiments.traces import from_prediction
+
+        if self.run_id is None or not self.traces_per_stage:
+            return
+        tags = self._trace_tags(run, record.index, record.stage, **{"cotune.source": "eval"})
+        cases = [from_prediction(example, prediction, score.value if score is not None else 0.0,
+                                 score.components if score is not None else {}, tags)
+                 for example, prediction, score in evaluation.results[: self.traces_per_stage]]
+        self._log_traces(record.index, cases)
+
     def on_stage_end(self, run, record) -> None:
         if self.run_id is None:
             return
@@ -529,6 +581,8 @@ class MlflowTracking(OptimizeCallback):
         if record.gold_score is not None:
             scores["gold_score"] = record.gold_score
         stage_metrics = {**scores, "val_errors": record.val_errors, "seconds": record.seconds,
+                         "traces": len(self.traces.get(record.index, [])),
+                         "trace_seconds": self.trace_seconds.get(record.index, 0.0),
                          "spend_rollouts": record.spend.get("rollouts", 0),
                          "spend_lm_calls": record.spend.get("lm_calls", 0),
                          "total_rollouts": step, "total_lm_calls": record.total_spend.get("lm_calls", 0)}
@@ -554,7 +608,16 @@ class MlflowTracking(OptimizeCallback):
         self._closed_stages.add(record.index)
         self._open_stage = None
 
+    def _restore_process_uri(self) -> None:
+        if self._process_uri is not None:
+            import mlflow
+
+            self._safe("flush traces", mlflow.flush_trace_async_logging, terminate=False)
+            mlflow.set_tracking_uri(self._process_uri)
+            self._process_uri = None
+
     def on_run_end(self, run, result) -> None:
+        self._restore_process_uri()
         if self.run_id is None:
             return
         last = result.history[-1]
@@ -579,6 +642,7 @@ class MlflowTracking(OptimizeCallback):
         self._safe("end run", self.client.set_terminated, self.run_id, "FINISHED")
 
     def on_run_error(self, run, error: BaseException) -> None:
+        self._restore_process_uri()
         if self.run_id is None:
             return
         if type(error).__name__ == "TrialPruned":

@@ -14,10 +14,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from optimizers.evaluate import Evaluation
     from optimizers.result import OptimizeResult, RunInfo, StageRecord
+    from rl.rollouts import Rollout
 
 
 class OptimizeCallback:
@@ -31,6 +34,15 @@ class OptimizeCallback:
 
     def on_step(self, run: RunInfo, index: int, metrics: dict[str, Any]) -> None:
         """After each optimizer step of a weight (``w``) or self-train (``s``) stage."""
+
+    def on_rollouts(self, run: RunInfo, index: int, step: int, rollouts: Sequence[Rollout],
+                    predictor_name: Callable[[Any], str]) -> None:
+        """After each step of a weight stage, with its scored rollouts (rank 0's, under several processes);
+        ``predictor_name`` names a recorded call's ``predictor`` as the program does (``named_predictors()``)."""
+
+    def on_evaluation(self, run: RunInfo, record: StageRecord, evaluation: Evaluation) -> None:
+        """After a stage's evaluation on the valset, before :meth:`on_stage_end`; ``evaluation.results`` holds
+        every ``(example, prediction, score)``."""
 
     def on_stage_end(self, run: RunInfo, record: StageRecord) -> None:
         """After a stage and its evaluation on the valset."""

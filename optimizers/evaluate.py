@@ -32,6 +32,7 @@ class Evaluation:
     gold: float | None
     errors: int
     rows: list[dict[str, Any]] = field(default_factory=list)
+    results: list[tuple[dspy.Example, Any, Any]] = field(default_factory=list)  # (example, prediction, Score|None)
 
 
 @dataclass
@@ -108,9 +109,10 @@ def evaluate(program: dspy.Module, valset: Sequence[dspy.Example], rubric: Rubri
                           f"{problems[0]}; fix the metric (it must return a finite number or a Score)")
 
     components: dict[str, list[float]] = defaultdict(list)
-    values, gold_values, rows, errors = [], [], [], 0
+    values, gold_values, rows, errors, results = [], [], [], 0, []
     for example, prediction, _ in result.results:
         score = scores.get(id(example))
+        results.append((example, prediction, score))
         if score is None:  # the program raised (e.g. a parse failure): Evaluate's failure score
             errors += 1
             values.append(0.0)
@@ -123,4 +125,5 @@ def evaluate(program: dspy.Module, valset: Sequence[dspy.Example], rubric: Rubri
         rows.append({"inputs": dict(example.inputs()), "outputs": dict(prediction.items()) if prediction else {},
                      "score": values[-1]})
     return Evaluation(score=statistics.fmean(values), components={k: statistics.fmean(v) for k, v in components.items()},
-                      gold=statistics.fmean(gold_values) if gold_values else None, errors=errors, rows=rows)
+                      gold=statistics.fmean(gold_values) if gold_values else None, errors=errors, rows=rows,
+                      results=results)

@@ -82,6 +82,7 @@ from optimizers.run_folder import RunLock, open_run_folder, set_status, stage_di
 from optimizers.schedule import arm_of, format_schedule, parse_schedule
 from optimizers.settings import resolve_settings
 from rl import distributed
+from rl.advantages import predictor_namer
 from rl.atomic import atomic_dir
 from rl.config import WeightStageConfig
 from rl.self_train import SelfTrainConfig, self_train
@@ -375,9 +376,17 @@ class _Loop:
         def should_stop() -> bool:  # the LM-call share: stop before a step that would overrun it
             return share.lm_calls is not None and calls["stage"] + calls["last_step"] > share.lm_calls
 
+        name_of = predictor_namer(current)
+
+        def show_rollouts(step: int, rollouts) -> tuple:  # a monitor that only shows: it raises no events
+            if distributed.is_main_process():
+                for cb in self.callbacks:
+                    cb.on_rollouts(self.run, index, step, rollouts, name_of)
+            return ()
+
         result = train_weights(current, self.trainset, self.rubric, self.policy, config,
                                output_dir=self.stage_dir(index, "w"), resume=resume, callbacks=[on_step],
-                               progress=self.progress, should_stop=should_stop)
+                               monitors=[show_rollouts], progress=self.progress, should_stop=should_stop)
         meter.charge(result.rollouts, result.lm_calls)
         details = {"steps": result.steps, "config": config.to_dict(), "resumed_from": result.resumed_from,
                    "history": result.history}
@@ -430,6 +439,8 @@ class _Loop:
                 logger.warning("reward-hacking guard after stage %s: %s", record.name, event.message)
         self._save_stage(record, program, ev.rows)
         self._add(record, program)
+        for cb in self.callbacks:
+            cb.on_evaluation(self.run, record, ev)
         logger.info("stage %s: val %.3f (spend %s, total %s)", record.name, ev.score, spend.to_dict(), total.to_dict())
         if self.progress:
             print(f"[cotune] stage {record.name}: val {ev.score:.3f}"
