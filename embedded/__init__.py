@@ -41,8 +41,10 @@ from embedded.tiny import (
     tiny_policy,
 )
 
+MODELS = {"tiny": (TINY_NAME, tiny_model_path), "agent": (AGENT_NAME, agent_model_path)}  # an experiment's `model:`
+
 __all__ = [
-    "AGENT_NAME", "AgentMeasurement", "agent_band_problems", "agent_model_path", "agent_policy", "measure_agent",
+    "MODELS", "AGENT_NAME", "AgentMeasurement", "agent_band_problems", "agent_model_path", "agent_policy", "measure_agent",
     "measure_agent_band", "ship_agent_model", "shipped_agent_model_path",
     "BAND_ARMS", "INFO_FILE", "SETTINGS_FILE", "SHIPPED_DIR", "SHIPPED_SEED", "TINY_NAME", "EmbeddedModelError",
     "band_problems", "measure_band", "recipe_build_dir", "ship_tiny_model", "shipped_tiny_model_path",

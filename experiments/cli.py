@@ -156,6 +156,67 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_and_uri(args: argparse.Namespace):
+    """(MLflow experiment name, tracking URI, the experiment file or None) from a YAML path or a name."""
+    from experiments.tracking import check_tracking_uri, resolve_tracking_uri
+
+    exp, name, configured = None, args.experiment, None
+    if args.experiment.endswith((".yaml", ".yml")) or Path(args.experiment).is_file():
+        from experiments.config import load_experiment
+
+        exp = load_experiment(args.experiment)
+        name, configured = exp.mlflow_experiment, exp.tracking_uri
+    uri = resolve_tracking_uri(args.tracking_uri, configured)
+    check_tracking_uri(uri)
+    return name, uri, exp
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from experiments.review import ReviewError, fetch_items, read_key, review_loop
+
+    name, uri, _ = _experiment_and_uri(args)
+    found = MlflowClient(uri).get_experiment_by_name(name)
+    if found is None:
+        raise ReviewError(f"no MLflow experiment {name!r} in {uri}; run it first (cotune run)")
+    stage = f"tags.`cotune.stage` = '{args.stage}'" if args.stage else None
+    items = fetch_items(MlflowClient(uri), found.experiment_id, filter_string=stage)
+    if not items:
+        raise ReviewError(f"experiment {name!r} has no cotune traces{' in stage ' + args.stage if args.stage else ''}"
+                          " (cotune run logs some unless tracking.traces is 0)")
+    mlflow.set_tracking_uri(uri)  # labels are written through MLflow's fluent assessment API
+    review_loop(items, key=read_key, ask=input, write=lambda text: print(text, end="", flush=True),
+                reviewer=args.reviewer, limit=args.limit)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from experiments.calibration import calibrate_experiment
+    from experiments.runner import resolve_metric
+    from experiments.tasks import resolve_task
+    from metrics import Rubric
+
+    name, uri, exp = _experiment_and_uri(args)
+    if exp is None:
+        raise ValueError("cotune calibrate needs the experiment YAML (its task's rubric is what gets calibrated)")
+    rubric = resolve_metric(exp, resolve_task(exp.task))
+    if not isinstance(rubric, Rubric):
+        raise ValueError(f"the experiment's metric ({exp.metric}) is not a rubric: there are no weights to calibrate")
+    base = exp.metric
+    if base.endswith(".json"):  # calibrating a calibrated rubric again: the new file reweights the same base
+        from experiments.calibration import base_metric_of
+
+        base = base_metric_of(base)
+    outcome = calibrate_experiment(uri, name, rubric, base_metric=base, out_dir=args.out, seed=args.seed,
+                                   gold=not args.human_only)
+    print(outcome.calibration.summary())
+    print(f"\nlabels: {outcome.human} HUMAN, {outcome.gold} GOLD | written: {outcome.path} "
+          f"(use it with `metric: {outcome.path}`) | MLflow run {outcome.run_id}")
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from experiments.config import load_experiment
     from experiments.tuning import tune_experiment
@@ -258,6 +319,30 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--worker-index", type=int, default=0,
                       help="distinct per worker of one study (offsets the sampler's seed)")
     tune.set_defaults(func=_cmd_tune)
+
+    review = sub.add_parser("review", parents=[track], help="label logged rollouts, one keystroke each (HUMAN "
+                                                             "feedback in MLflow)",
+                            description="Show the experiment's traces that most need a person (the rubric and the gold "
+                                        "answer disagree, then the rubric's components conflict) and record p(ass), "
+                                        "f(ail) or c(orrected answer) as HUMAN assessments in MLflow, the same ones "
+                                        "the MLflow UI's Traces page writes.")
+    review.add_argument("experiment", help="experiment YAML, or an MLflow experiment name")
+    review.add_argument("--stage", help="only traces of this stage, e.g. 2-w")
+    review.add_argument("--limit", type=int, help="at most this many traces")
+    review.add_argument("--reviewer", default="cotune-review", help="the HUMAN source id written with each label")
+    review.set_defaults(func=_cmd_review)
+
+    calibrate = sub.add_parser("calibrate", parents=[track], help="fit the rubric's weights to the labels on the "
+                                                                   "experiment's traces",
+                               description="Read HUMAN labels (and, where none, the gold answer) from the "
+                                           "experiment's traces, fit the rubric's component weights and gates, print "
+                                           "agreement before and after on held-out labels, write the next "
+                                           "calibrated/<experiment>-v<k>.json and log it to MLflow.")
+    calibrate.add_argument("experiment", help="experiment YAML")
+    calibrate.add_argument("--out", default="calibrated", help="folder of the versioned rubric files")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    calibrate.add_argument("--human-only", action="store_true", help="ignore the gold answers; HUMAN labels only")
+    calibrate.set_defaults(func=_cmd_calibrate)
 
     export = sub.add_parser("export", parents=[track], help="write a stand-alone bundle (program + PEFT adapter)",
                             description="Copy the best program and adapter of a run folder, a bundle, or an MLflow "

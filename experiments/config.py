@@ -10,11 +10,12 @@ The file::
     name: quickstart                 # MLflow experiment name (unless tracking.experiment says otherwise)
     task: last_digit                 # a registered task, or {name: last_digit, options: {min_digits: 5}}
     program: predict                 # one of the task's programs (default: the task's default program)
-    model: tiny                      # "tiny" (the embedded model) or a local HF model folder
+    model: tiny                      # an embedded model ("tiny", "agent": embedded.MODELS) or a local HF model folder
     engine: local                    # generation: "local" (in-process), "vllm" (start a server) or http://host:port
     vllm: {dtype: bfloat16}          # rl.vllm_server.VLLMServer.start (or .attach, with a URL) options + adapter_dir
                                      # (python: only scripts/vllm_venv.sh's venv, unless allow_custom_python: true)
-    metric: rubric                   # "rubric" (the task's), "gold" (its gold metric) or "package.module:attr"
+    metric: rubric                   # "rubric" (the task's), "gold" (its gold metric), "package.module:attr", or a
+                                     # calibrated rubric file `cotune calibrate` wrote (calibrated/NAME-vK.json)
     gold: true                       # also score the task's gold metric (never optimized): reward-hacking guard
     data: {train: 32, val: 32, test: 100, seed: 0}
     arms:                            # name -> schedule (or a list of schedules, named by their arm)
@@ -28,7 +29,7 @@ The file::
     weights: {learning_rate: 1.0e-3}        # rl.WeightStageConfig fields
     self_training: {}                       # rl.self_train.SelfTrainConfig fields
     lora: {r: 16, alpha: 32}                # rl.LoraSettings fields
-    tracking: {uri: sqlite:///mlflow.db, experiment: quickstart}
+    tracking: {uri: sqlite:///mlflow.db, experiment: quickstart, traces: 4}   # traces: per stage, for review
     threads: 1                       # torch CPU threads (1 is fastest for the tiny model on 2 cores)
     tune:                            # `cotune tune`: Optuna study over this experiment
       storage: sqlite:///optuna.db
@@ -68,7 +69,7 @@ TOP_KEYS = ("name", "description", "task", "program", "model", "engine", "vllm",
             "prompt", "weights", "self_training", "lora", "eval", "tracking", "output_dir", "report_dir", "threads",
             "tune")
 DATA_KEYS = {"train": 32, "val": 32, "test": 0, "seed": 0}
-TRACKING_KEYS = ("uri", "experiment", "artifacts")
+TRACKING_KEYS = ("uri", "experiment", "artifacts", "traces")
 EVAL_KEYS = ("threads", "max_tokens")
 TUNE_KEYS = ("study", "storage", "seed", "direction", "sampler", "pruner", "space", "enqueue", "trials")
 SAMPLERS = ("tpe", "random")
@@ -183,6 +184,7 @@ class Experiment:
     tracking_uri: str | None = None
     tracking_experiment: str | None = None
     log_artifacts: bool = True
+    traces_per_stage: int = 4
     output_dir: str | None = None
     report_dir: str | None = None
     threads: int | None = None
@@ -356,14 +358,20 @@ def _validate(data: Any, source: str, check_task: bool) -> Experiment:
     if check_task:
         _check_task(task, program)
     model = data.get("model", "tiny")
+    embedded_names = ("tiny", "agent")  # embedded.MODELS (not imported here: loading a file imports no torch)
     if not isinstance(model, str) or not model:
-        raise _Problem(("model",), f"must be 'tiny' or a local model folder, got {model!r}")
-    if model != "tiny" and not Path(model).expanduser().exists():
-        raise _Problem(("model",), f"model folder {model!r} does not exist (use 'tiny' for the embedded model)")
+        raise _Problem(("model",), f"must be one of {embedded_names} or a local model folder, got {model!r}")
+    if model not in embedded_names and not Path(model).expanduser().exists():
+        raise _Problem(("model",), f"model folder {model!r} does not exist (the embedded models: {embedded_names})")
     engine, vllm = _engine(data)
     metric = data.get("metric", "rubric")
-    if not isinstance(metric, str) or not (metric in ("rubric", "gold") or re.fullmatch(r"[\w.]+:[\w.]+", metric)):
-        raise _Problem(("metric",), f"must be 'rubric', 'gold' or 'package.module:name', got {metric!r}")
+    if isinstance(metric, str) and metric.endswith(".json"):
+        if not Path(metric).is_file():
+            raise _Problem(("metric",), f"calibrated rubric file {metric!r} does not exist (`cotune calibrate` writes "
+                                        "one)")
+    elif not isinstance(metric, str) or not (metric in ("rubric", "gold") or re.fullmatch(r"[\w.]+:[\w.]+", metric)):
+        raise _Problem(("metric",), f"must be 'rubric', 'gold', 'package.module:name' or a calibrated rubric file "
+                                    f"(.json), got {metric!r}")
     if ":" in metric:
         _import(metric, ("metric",))
 
@@ -376,7 +384,8 @@ def _validate(data: Any, source: str, check_task: bool) -> Experiment:
     self_training = _section(data, "self_training", _self_train_cls())
     lora = _section(data, "lora", _lora_cls())
     eval_cfg = _plain_section(data, "eval", EVAL_KEYS, {"threads": int, "max_tokens": int})
-    tracking = _plain_section(data, "tracking", TRACKING_KEYS, {"uri": str, "experiment": str, "artifacts": bool})
+    tracking = _plain_section(data, "tracking", TRACKING_KEYS, {"uri": str, "experiment": str, "artifacts": bool,
+                                                                   "traces": int}, zero_ok=("traces",))
     if tracking.get("uri"):
         _check_uri(tracking["uri"], ("tracking", "uri"))
     gold = data.get("gold", True)
@@ -389,11 +398,13 @@ def _validate(data: Any, source: str, check_task: bool) -> Experiment:
         if key in data and not isinstance(data[key], str):
             raise _Problem((key,), f"must be a string, got {_kind(data[key])}")
     tune = _tune(data["tune"], name) if "tune" in data else None
+    traces = tracking.get("traces", 4)  # checked above: an int >= 0 (traces per stage; 0: none)
     return Experiment(
         name=name, task=task, program=program, model=model, engine=engine, vllm=vllm, metric=metric, gold=gold, arms=arms, seeds=seeds,
         budget=budget, description=data.get("description", ""), data=data_cfg, prompt=prompt, weights=weights,
         self_training=self_training, lora=lora, eval=eval_cfg, tracking_uri=tracking.get("uri"),
         tracking_experiment=tracking.get("experiment"), log_artifacts=tracking.get("artifacts", True),
+        traces_per_stage=traces,
         output_dir=data.get("output_dir"), report_dir=data.get("report_dir"), threads=threads, tune=tune, source=source)
 
 
@@ -677,16 +688,17 @@ def check_dataclass(cls, values: dict[str, Any], path: Path_, sentinel: dict[str
         raise _Problem(path + ((blamed,) if blamed else ()), message) from None
 
 
-def _plain_section(data: dict, key: str, allowed, types: dict[str, type]) -> dict[str, Any]:
+def _plain_section(data: dict, key: str, allowed, types: dict[str, type], zero_ok: tuple[str, ...] = ()
+                   ) -> dict[str, Any]:
     value = data.get(key) or {}
     if not isinstance(value, dict):
         raise _Problem((key,), f"must be a mapping with keys {', '.join(allowed)}, got {_kind(value)}")
     _no_unknown(value, allowed, (key,))
     for name, v in value.items():
-        expected = types[name]
-        if not isinstance(v, expected) or (expected is int and (isinstance(v, bool) or v < 1)):
-            raise _Problem((key, name), f"must be {'a positive integer' if expected is int else expected.__name__}, "
-                                        f"got {v!r}")
+        expected, low = types[name], 0 if name in zero_ok else 1
+        if not isinstance(v, expected) or (expected is int and (isinstance(v, bool) or v < low)):
+            what = ("an int >= 0" if low == 0 else "a positive integer") if expected is int else expected.__name__
+            raise _Problem((key, name), f"must be {what}, got {v!r}")
     return dict(value)
 
 

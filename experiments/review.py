@@ -26,10 +26,10 @@ LABEL = "label"  # HUMAN feedback: True (pass) / False (fail)
 CORRECTED = "corrected_answer"  # HUMAN expectation: what the answer should have been
 KEYS = {"p": True, "f": False}
 
-__all__ = ["CORRECTED", "LABEL", "ReviewItem", "fetch_items", "queue", "record_label", "review_loop"]
+__all__ = ["CORRECTED", "LABEL", "ReviewItem", "fetch_items", "labels", "queue", "record_label", "review_loop"]
 
 
-class ReviewError(RuntimeError):
+class ReviewError(ValueError):
     """The review cannot start: no such experiment, or it holds no traces to review (the message says why)."""
 
 
@@ -195,3 +195,30 @@ def review_loop(items: Sequence[ReviewItem], *, key: Callable[[], str], ask: Cal
             done += 1
     write(f"{done} labels written; {len(queue(items))} traces left unlabelled\n")
     return done
+
+
+def labels(items: Iterable[ReviewItem], *, gold: bool = True) -> list[Any]:
+    """The items' verdicts as :class:`metrics.calibrate.Label`\\ s: the HUMAN label where a person gave one, else
+    (``gold=True``) whether the outputs match the gold answer, as a GOLD label. Items with neither are left out.
+
+    Each label carries the example (inputs, gold answer, id) and the prediction, so candidate criteria can be
+    scored on it and a corrected answer becomes a training example.
+    """
+    import dspy
+
+    from metrics.calibrate import Label
+
+    out = []
+    for item in items:
+        if item.human is not None:
+            verdict, source = item.human, "HUMAN"
+        elif gold and item.gold_agrees is not None:
+            verdict, source = item.gold_agrees, "GOLD"
+        else:
+            continue
+        fields = {**item.inputs, **item.expected}
+        fields.setdefault("id", item.tags.get("cotune.example_id", item.trace_id))
+        example = dspy.Example(**fields).with_inputs(*item.inputs)
+        out.append(Label(item.trace_id, item.components, verdict, source=source, rationale=item.rationale,
+                         corrected=item.corrected, example=example, prediction=dspy.Prediction(**item.outputs)))
+    return out

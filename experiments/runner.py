@@ -18,6 +18,7 @@ running, one of other files, or an unwritable ``output_dir`` is refused too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -78,36 +79,37 @@ def resolve_metric(exp: Experiment, task: Any) -> Any:
         if task.gold_metric is None:
             raise ConfigError(f"metric: task {task.name!r} has no gold metric; use 'rubric'", source=exp.source)
         return task.gold_metric
+    if exp.metric.endswith(".json"):  # a rubric `cotune calibrate` wrote: its base rubric, reweighted
+        from experiments.calibration import base_metric_of
+        from metrics.calibrate import load_calibrated
+
+        base = base_metric_of(exp.metric)
+        if base.endswith(".json"):
+            raise ConfigError(f"metric: {exp.metric} names another calibrated file as its base ({base})",
+                              source=exp.source)
+        return load_calibrated(exp.metric, resolve_metric(dataclasses.replace(exp, metric=base), task))
     try:
         return build_metric(exp.metric)
     except ReferenceImportError as exc:
         raise ConfigError(str(exc), source=exp.source, key="metric") from None
 
 
-def model_path(exp: Experiment, out: IO[str] | None = None) -> tuple[Path, str]:
-    """The base model folder and its short name (the embedded model is built on first use)."""
-    if exp.model != "tiny":
-        return Path(exp.model).expanduser(), Path(exp.model).name
-    from embedded import TINY_NAME, tiny_model_path
+def model_path(exp: Experiment) -> tuple[Path, str]:
+    """The base model folder and its short name: an embedded model's shipped weights (checked against their
+    recorded hashes), or a local model folder."""
+    import embedded
 
-    announced = []
-
-    def progress(step: int, total: int, loss: float) -> None:
-        if not announced and out is not None:
-            print(f"[cotune] building the embedded tiny model (first run only, a few minutes on 2 cores; "
-                  f"{total} steps)", file=out, flush=True)
-            announced.append(True)
-        if out is not None and (step % max(1, total // 10) == 0 or step == total):
-            print(f"[cotune]   warm-start step {step}/{total} loss {loss:.3f}", file=out, flush=True)
-
-    return tiny_model_path(progress=progress), TINY_NAME
+    if exp.model in embedded.MODELS:
+        name, path = embedded.MODELS[exp.model]
+        return path(), name
+    return Path(exp.model).expanduser(), Path(exp.model).name
 
 
-def build_policy(exp: Experiment, seed: int, out: IO[str] | None = None):
+def build_policy(exp: Experiment, seed: int):
     """A fresh policy (new LoRA adapter of the configured shape) for one run."""
     from rl.policy import LoraSettings, Policy
 
-    path, name = model_path(exp, out)
+    path, name = model_path(exp)
     lora = LoraSettings(**{"seed": seed, **exp.lora})
     return Policy.from_pretrained(path, name=name, lora=lora, seed=seed, engine=exp.engine, vllm=exp.vllm)
 
@@ -230,7 +232,7 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
     program = task.program(exp.program)
     metric = resolve_metric(exp, task)
     gold = task.gold_metric if exp.gold and exp.metric != "gold" else None
-    distributed.on_main(model_path, exp, out)  # build the embedded model first (rank 0, progress on the console)
+    distributed.on_main(model_path, exp)  # rank 0 checks an embedded model's files against their hashes first
     root = Path(output_dir) if output_dir is not None else exp.runs_dir / arm.folder / f"seed-{seed}"
     max_tokens = int(exp.eval.get("max_tokens") or exp.weights.get("max_tokens", 128))
     threads = int(exp.eval.get("threads", 16))
@@ -547,6 +549,7 @@ def run_experiment(exp: Experiment, *, arms: Sequence[str] | None = None, seeds:
         tracker = None
         if uri is not None:
             tracker = MlflowTracking(uri, exp.mlflow_experiment, log_artifacts=exp.log_artifacts,
+                                     traces_per_stage=exp.traces_per_stage,
                                      tags={KIND_TAG: "run", "cotune.batch": batch, "experiment": exp.name},
                                      run_name=f"{arm.name}-seed{seed}", resume=decision == "resume")
         notices = [MovedAsideNotice(root, out)] if decision == "overwrite" else []

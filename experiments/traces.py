@@ -9,13 +9,20 @@ shows them and lets a person add ``HUMAN`` feedback, which ``cotune review`` / `
 Only a sample goes there (a few per stage, :class:`experiments.tracking.MlflowTracking`'s ``traces_per_stage``):
 a trace costs a few milliseconds of the stage, and a reviewer reads a handful, not thousands.
 
-Two facts about MLflow 3.17 this module is built on (checked, see tests/experiments/test_traces.py):
+Three facts about MLflow 3.17 this module is built on (checked; tests/experiments/test_traces.py fails by name
+when they change):
 
 - traces are exported to the *process's* tracking URI; an ``MlflowClient``'s own URI is ignored for them (a trace
   started through a client of another store went to the default one). So the tracker sets the process's URI;
   ``cotune run`` uses one store per process.
-- traces are exported asynchronously, and an assessment on a trace not yet written fails ("Trace ... not found").
-  So a batch of traces is written first, flushed once, then its assessments are logged.
+- trace ids come from OpenTelemetry's generator, which draws from Python's ``random``; a seeded run reseeds it,
+  and two stages drew the same id (one trace overwrote the other). The tracker turns on MLflow's isolated
+  generator (``MLFLOW_TRACE_USE_ISOLATED_RANDOM_ID_GENERATOR``).
+- an assessment logged on its own (``mlflow.log_feedback``) needs the trace already written: with MLflow's async
+  export that meant a ~1.1 s flush per batch, or ~50 ms per trace written synchronously, too slow for a tiny model's
+  stage. But the store writes the assessments a live trace carries when it exports it. So the rubric's feedback
+  and the expectations are attached to the live trace (:func:`_attach`, the one place that touches MLflow's
+  internals: ``InMemoryTraceManager``) and go in the same write, on MLflow's own export thread.
 """
 
 from __future__ import annotations
@@ -136,6 +143,28 @@ def sample_rollouts(rollouts: Sequence[Any], k: int) -> list[Any]:
     return (firsts + rest)[: max(0, k)]
 
 
+def _attach(root: Any, assessments: list) -> None:
+    """Put ``assessments`` on the live trace of ``root`` so they are written with it (MLflow internals, 3.17)."""
+    from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+    with InMemoryTraceManager.get_instance().get_trace(root.trace_id) as trace:
+        if trace is None:
+            raise RuntimeError(f"MLflow has no live trace {root.trace_id}: mlflow.tracing internals changed")
+        trace.info.assessments.extend(assessments)
+
+
+def _assessments(case: TraceCase, trace_id: str) -> list:
+    from mlflow.entities import AssessmentSource, Expectation, Feedback
+
+    rubric = AssessmentSource(source_type="CODE", source_id=RUBRIC_SOURCE_ID)
+    data = AssessmentSource(source_type="CODE", source_id=DATA_SOURCE_ID)
+    out = [Feedback(name=TOTAL, value=case.total, source=rubric, rationale=case.rationale or None, trace_id=trace_id)]
+    out += [Feedback(name=name, value=float(value), source=rubric, trace_id=trace_id)
+            for name, value in case.components.items()]
+    out += [Expectation(name=name, value=value, source=data, trace_id=trace_id) for name, value in case.expected.items()]
+    return out
+
+
 def _write(case: TraceCase, experiment_id: str, run_id: str | None) -> str:
     import mlflow
     from mlflow.entities import SpanType
@@ -157,33 +186,19 @@ def _write(case: TraceCase, experiment_id: str, run_id: str | None) -> str:
             if tool["error"]:
                 span.set_attribute("error", tool["error"])
             span.end(outputs={"observation": tool["observation"]}, status="ERROR" if tool["error"] else "OK")
+        _attach(root, _assessments(case, root.trace_id))
     finally:
         root.end(outputs=case.outputs)
     return root.trace_id
 
 
 def log_traces(cases: Sequence[TraceCase], experiment_id: str, run_id: str | None = None) -> list[str]:
-    """Write ``cases`` as traces in ``experiment_id`` (linked to ``run_id``), then their assessments.
+    """Write ``cases`` as traces in ``experiment_id`` (linked to ``run_id``), with their assessments.
 
-    Each trace gets the rubric's total (``reward``) and every component as ``CODE`` feedback from
-    ``cotune.rubric`` (the total carries the rubric's feedback text as rationale), and each label of the example as
-    an expectation from ``cotune.dataset``. Returns the trace ids, in order. The caller has set the process's
-    tracking URI (see the module docstring).
+    Each trace carries the rubric's total (``reward``) and every component as ``CODE`` feedback from
+    ``cotune.rubric`` (the total with the rubric's feedback text as rationale), and each label of the example as an
+    expectation from ``cotune.dataset``. Returns the trace ids, in order. MLflow writes them on its own export
+    thread; ``mlflow.flush_trace_async_logging()`` waits for them. The caller has set the process's tracking URI
+    (see the module docstring).
     """
-    import mlflow
-    from mlflow.entities import AssessmentSource
-
-    ids = [_write(case, experiment_id, run_id) for case in cases]
-    if not ids:
-        return ids
-    mlflow.flush_trace_async_logging(terminate=False)  # the traces exist before anything is attached to them
-    rubric = AssessmentSource(source_type="CODE", source_id=RUBRIC_SOURCE_ID)
-    data = AssessmentSource(source_type="CODE", source_id=DATA_SOURCE_ID)
-    for trace_id, case in zip(ids, cases):
-        mlflow.log_feedback(trace_id=trace_id, name=TOTAL, value=case.total, source=rubric,
-                            rationale=case.rationale or None)
-        for name, value in case.components.items():
-            mlflow.log_feedback(trace_id=trace_id, name=name, value=float(value), source=rubric)
-        for name, value in case.expected.items():
-            mlflow.log_expectation(trace_id=trace_id, name=name, value=value, source=data)
-    return ids
+    return [_write(case, experiment_id, run_id) for case in cases]

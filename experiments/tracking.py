@@ -332,7 +332,7 @@ class MlflowTracking(OptimizeCallback):
         self.errors = 0
         self.traces_per_stage = traces_per_stage
         self.traces: dict[int, list[str]] = {}  # stage index -> trace ids logged (rollouts, then val predictions)
-        self.trace_seconds: dict[int, float] = {}  # stage index -> seconds spent logging them
+        self.trace_seconds: dict[int, float] = {}  # stage index -> seconds the stage spent logging them
         self._process_uri: str | None = None  # the process's tracking URI before this run set it (traces on)
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -396,6 +396,9 @@ class MlflowTracking(OptimizeCallback):
         if self.traces_per_stage:  # traces go to the process's store (experiments/traces.py); put back at the end
             import mlflow
 
+            # trace ids from MLflow's own RNG: OpenTelemetry's default draws them from `random`, which a seeded run
+            # reseeds, and two stages then drew the same id and one trace overwrote the other (seen in the tests)
+            os.environ.setdefault("MLFLOW_TRACE_USE_ISOLATED_RANDOM_ID_GENERATOR", "true")
             self._process_uri = mlflow.get_tracking_uri()
             mlflow.set_tracking_uri(self.tracking_uri)
         self._run_dir = Path(run.output_dir).resolve() if run.output_dir is not None else None
@@ -537,12 +540,30 @@ class MlflowTracking(OptimizeCallback):
             self._safe("log step", self._log_batch, self.run_id, {f"train/{k}": v for k, v in values.items()}, step)
 
     def _log_traces(self, index: int, cases: list) -> None:
+        """Log ``cases`` as traces of stage ``index`` (MLflow writes them on its export thread; the time spent here,
+        building spans, is what the stage pays and is recorded)."""
         from experiments.traces import log_traces
 
+        if not cases:
+            return
         start = time.perf_counter()
         ids = self._safe("log traces", log_traces, cases, self.experiment_id, self.stage_runs.get(index) or self.run_id)
         self.traces.setdefault(index, []).extend(ids or [])
         self.trace_seconds[index] = self.trace_seconds.get(index, 0.0) + time.perf_counter() - start
+
+    def _finish_traces(self) -> None:
+        """Wait for MLflow to write the traces, record per stage how many and the time spent logging them, and put
+        the process's tracking URI back."""
+        if self.traces:
+            import mlflow
+
+            self._safe("flush traces", mlflow.flush_trace_async_logging, terminate=False)
+            for index, ids in self.traces.items():
+                stage_run = self.stage_runs.get(index)
+                if stage_run is not None:
+                    self._safe("log traces", self._log_batch, stage_run,
+                               {"traces": len(ids), "trace_seconds": self.trace_seconds.get(index, 0.0)})
+        self._restore_process_uri()
 
     def _trace_tags(self, run, index: int, stage: str, **more: Any) -> dict[str, Any]:
         return {"cotune.run": self.run_id, "cotune.stage": f"{index}-{stage}", "cotune.stage_index": index,
@@ -581,8 +602,6 @@ class MlflowTracking(OptimizeCallback):
         if record.gold_score is not None:
             scores["gold_score"] = record.gold_score
         stage_metrics = {**scores, "val_errors": record.val_errors, "seconds": record.seconds,
-                         "traces": len(self.traces.get(record.index, [])),
-                         "trace_seconds": self.trace_seconds.get(record.index, 0.0),
                          "spend_rollouts": record.spend.get("rollouts", 0),
                          "spend_lm_calls": record.spend.get("lm_calls", 0),
                          "total_rollouts": step, "total_lm_calls": record.total_spend.get("lm_calls", 0)}
@@ -612,12 +631,11 @@ class MlflowTracking(OptimizeCallback):
         if self._process_uri is not None:
             import mlflow
 
-            self._safe("flush traces", mlflow.flush_trace_async_logging, terminate=False)
             mlflow.set_tracking_uri(self._process_uri)
             self._process_uri = None
 
     def on_run_end(self, run, result) -> None:
-        self._restore_process_uri()
+        self._finish_traces()
         if self.run_id is None:
             return
         last = result.history[-1]
@@ -642,7 +660,7 @@ class MlflowTracking(OptimizeCallback):
         self._safe("end run", self.client.set_terminated, self.run_id, "FINISHED")
 
     def on_run_error(self, run, error: BaseException) -> None:
-        self._restore_process_uri()
+        self._finish_traces()
         if self.run_id is None:
             return
         if type(error).__name__ == "TrialPruned":

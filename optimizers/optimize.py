@@ -53,6 +53,7 @@ import torch
 
 from metrics import as_rubric
 from metrics.guards import GoldGuard
+from metrics.references import reference_name
 from optimizers.budget import Budget, BudgetError, Meter, Spend, describe_plan, plan_run
 from optimizers.callbacks import OptimizeCallback
 from optimizers.errors import (
@@ -175,7 +176,7 @@ def optimize(
         RunLockedError: another process is running ``output_dir`` (its pid and host are named).
         CorruptRunError: on resume, a file of the run (``run.json``, a stage's ``record.json`` / ``program.json`` /
             adapter) is damaged; the file is named.
-        optimizers.evaluate.MetricError: the metric raised or returned NaN on a valset example.
+        metrics.MetricError: the metric raised or returned NaN on a valset example.
 
     Example:
         >>> from optimizers import optimize                                        # doctest: +SKIP
@@ -223,7 +224,7 @@ def optimize(
         "settings_sources": settings.sources, "model_settings_file": settings.model_file,
         "plan": [p.text for p in plan],
         "model": policy.name, "base_model": str(policy.base_path), "base_fingerprint": policy.base_fingerprint,
-        "program_class": f"{type(program).__module__}:{type(program).__qualname__}",
+        "program_class": reference_name(type(program)),
         "n_train": len(trainset), "n_val": len(valset), "gold_metric": gold_metric is not None,
         "tags": dict(tags or {}),
     }

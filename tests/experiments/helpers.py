@@ -198,3 +198,20 @@ def postgres_server(root: Path, databases: tuple[str, ...]) -> Iterator[str]:
 def exploding_metric(example, prediction, trace=None):
     """A metric that fails on every example (for crash tests: the run must end FAILED, not RUNNING)."""
     raise ZeroDivisionError("exploding metric")
+
+
+def _contrarian(example, prediction, trace=None) -> float:
+    """Rewards a well-formed *wrong* last digit: the component the reviewers' labels reject."""
+    answer = str(getattr(prediction, "answer", "") or "").strip()
+    return float(len(answer) == 1 and answer.isdigit() and answer != example.answer)
+
+
+def contrarian_rubric():
+    """The last-digit rubric with one bad component: correct and contrarian weigh the same, so its total cannot tell
+    a right answer from a wrong one (both gated on format). Labels that pass right answers must zero it."""
+    from metrics import Custom, ExactMatch, FormatValidity, Rubric
+
+    return Rubric([ExactMatch("answer", name="correct"), FormatValidity(["answer"]),
+                   Custom(_contrarian, name="contrarian")],
+                  weights={"correct": 1, "format": 1, "contrarian": 1},
+                  gates={"correct": "format", "contrarian": "format"}, name="contrarian")

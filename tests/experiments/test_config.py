@@ -153,3 +153,13 @@ def test_engine_and_vllm_options_are_checked_against_the_server_api():
         with pytest.raises(ConfigError) as err:
             parse_experiment(base + text, source="x.yaml")
         assert message in str(err.value)
+
+
+def test_embedded_models_calibrated_rubrics_and_trace_samples_are_checked(tmp_path):
+    assert parse_experiment(GOOD + "model: agent\n").model == "agent"
+    assert "embedded models" in str(error(GOOD + "model: nowhere/model\n"))
+    assert error(GOOD + "metric: calibrated/none-v1.json\n").key == "metric"
+    assert parse_experiment(GOOD + "tracking: {traces: 0}\n").traces_per_stage == 0
+    assert parse_experiment(GOOD).traces_per_stage == 4
+    err = error(GOOD + "tracking: {traces: -2}\n")
+    assert err.key == "tracking.traces" and "int >= 0" in str(err)

@@ -36,6 +36,7 @@ def test_the_queue_puts_disagreements_first_then_conflicts_and_labels_land_in_ml
         _case(1, "7", "7", 0.5, {"correct": 1.0, "short": 0.0}),   # components conflict
         _case(2, "3", "7", 0.9, {"correct": 0.0, "short": 1.0}),   # the rubric passes a wrong answer: first
     ], experiment)
+    mlflow.flush_trace_async_logging(terminate=False)
     items = fetch_items(client, experiment)
     assert [i.tags["cotune.example_id"] for i in queue(items)] == ["e2", "e1", "e0"]
     assert queue(items)[0].disagreement and queue(items)[1].conflict == 1.0

@@ -28,6 +28,7 @@ def test_a_run_logs_a_sample_of_rollouts_and_val_predictions_as_traces(fresh_pol
     experiment = MlflowClient(uri).get_experiment_by_name("traces-test").experiment_id
     assert mlflow.get_tracking_uri() != uri  # the process's URI is put back after the run
     traces = MlflowClient(uri).search_traces(locations=[experiment])
+    assert len({t.info.trace_id for t in traces}) == len(traces) == 12  # seeded runs once drew the same trace ids
     by_stage: dict[tuple[str, str], list] = {}
     for trace in traces:
         tags = trace.info.tags
@@ -87,9 +88,31 @@ def test_tool_calls_become_tool_spans_with_their_errors(tmp_path, request):
                            {"correct": 1.0, "tool_validity": 0.5}, {"cotune.stage": "0-baseline"})
     assert isinstance(case, TraceCase) and case.tags["cotune.example_id"] == "q7"
     (trace_id,) = log_traces([case], experiment)
+    mlflow.flush_trace_async_logging(terminate=False)
     trace = mlflow.get_trace(trace_id)
     tools = [s for s in trace.data.spans if s.span_type == "TOOL"]
     assert [s.name for s in tools] == ["0:lookup", "1:calculator"]
     assert tools[0].status.status_code == "OK" and tools[1].status.status_code == "ERROR"
     assert tools[1].attributes["error"].startswith("Execution error in calculator")
     assert _assessments(trace)["tool_validity"][0] == 0.5 and _assessments(trace)["answer"][0] == "1990"
+
+
+def test_mlflow_contract_assessments_on_a_live_trace_are_written_with_it(tmp_path, request):
+    """experiments.traces._attach relies on MLflow 3.17 internals (InMemoryTraceManager, the store writing a trace's
+    assessments when it exports it). If an MLflow upgrade changes that, this test names it."""
+    from experiments.traces import _attach
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    experiment = MlflowClient(uri).create_experiment("contract", artifact_location=str(tmp_path / "artifacts"))
+    from mlflow.entities import AssessmentSource, Feedback
+
+    root = mlflow.start_span_no_context("contract", experiment_id=experiment)
+    _attach(root, [Feedback(name="reward", value=0.25, source=AssessmentSource(source_type="CODE", source_id="t"),
+                            trace_id=root.trace_id)])
+    root.end()
+    mlflow.flush_trace_async_logging(terminate=False)
+    (found,) = [(a.name, a.value) for a in MlflowClient(uri).get_trace(root.trace_id).info.assessments]
+    assert found == ("reward", 0.25)
