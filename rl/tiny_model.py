@@ -6,7 +6,7 @@ message is the assistant target (``embedded`` feeds it our default task, rendere
 ChatAdapter) and writes a standard HF folder (``config.json``, ``model.safetensors``, tokenizer
 files with a chat template) that :meth:`rl.Policy.from_pretrained` loads like any other model.
 
-Design choices (measured, see ``../shared/DESIGN.md``):
+Design choices (measured when the builder was written):
 * BPE with one token per digit and ``ByteLevel(use_regex=False)``: the fixed ChatAdapter text collapses
   into a few long tokens (prompt ~160 -> ~40 tokens), which makes every later step several times cheaper.
 * Llama config (hidden 128, 4 layers, GQA 4/2): ~1M parameters, trains in minutes on 2 cores. Not Qwen2:

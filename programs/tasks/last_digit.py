@@ -1,7 +1,7 @@
 """The embedded default task: "What is the last digit of N?".
 
 Why this task: the tiny CPU model can learn it in minutes, and its warm-start data
-plants *input-dependent* unreliability on purpose (see ``../shared/DESIGN.md``), so
+plants *input-dependent* unreliability on purpose (README, "The embedded tiny model"), so
 that both optimizers have real headroom:
 
 * short numbers (3-4 digits) are always labelled correctly -> the model is reliable there;
