@@ -3,15 +3,18 @@
 Public API:
     Policy, LoraSettings: a local causal LM + LoRA adapter, served to DSPy via ``policy.lm()``.
     LMCall, recording: what every generation recorded (exact token ids) and how to collect it.
-    train_weights, WeightStageConfig: the GRPO weight stage for a whole DSPy program.
+    train_weights, WeightStageConfig, WeightStageResult: the GRPO weight stage (``w``) for a whole DSPy program.
+    SelfTrainConfig, SelfTrainResult: fine-tuning on the program's own successful traces (``s``); the function is
+        ``rl.self_train.self_train`` (not re-exported here: the name would hide the module ``rl.self_train``).
     VLLMServer, VLLMEngine: generation on a vLLM server (``Policy.from_pretrained(..., engine="vllm")``); vllm
         itself runs in its own process and is never imported here.
 """
 
-from rl.config import WeightStageConfig
+from rl.config import SelfTrainConfig, WeightStageConfig
 from rl.errors import CotuneRLError, EngineError, ModelNotFoundError, UnsafeModelError
 from rl.policy import LoraSettings, Policy, PolicyLM
 from rl.rollouts import Rollout, run_rollouts
+from rl.self_train import SelfTrainResult
 from rl.trace import LMCall, recording
 from rl.vllm_engine import TokenizationMismatchError, VLLMEngine
 from rl.vllm_server import VLLMNotInstalledError, VLLMServer, VLLMServerError
@@ -26,6 +29,8 @@ __all__ = [
     "Policy",
     "PolicyLM",
     "Rollout",
+    "SelfTrainConfig",
+    "SelfTrainResult",
     "TokenizationMismatchError",
     "TrainsetError",
     "WeightStageConfig",

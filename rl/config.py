@@ -1,6 +1,7 @@
-"""The weight stage's one typed config, mapped onto TRL's ``GRPOConfig`` for the loss.
+"""The typed configs of the rl stages: ``WeightStageConfig`` (``w``, mapped onto TRL's ``GRPOConfig`` for the loss)
+and ``SelfTrainConfig`` (``s``); ``optimizers.prompt_stage.PromptStageConfig`` (``p``) follows the same convention.
 
-Why one dataclass: the same object feeds the Python API, the experiment YAML, Optuna's search space and
+Why one dataclass per stage: the same object feeds the Python API, the experiment YAML, Optuna's search space and
 MLflow's params (``asdict``), as TRL's own ``<method>_config.py`` does. The budget is in *rollouts*
 (program executions), the currency shared with prompt stages, so arms compare at equal cost.
 
@@ -173,6 +174,48 @@ class WeightStageConfig:
     @property
     def max_steps(self) -> int:
         return self.max_rollouts // self.rollouts_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SelfTrainConfig:
+    """Settings of an ``s`` stage.
+
+    Example:
+        >>> SelfTrainConfig(num_samples=4, max_rollouts=64).examples
+        16
+    """
+
+    num_samples: int = field(default=4, metadata={"help": "program runs per training example"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the runs"})
+    success_threshold: float = field(default=1.0, metadata={"help": "a run is kept when its reward >= this"})
+    epochs: int = 2
+    batch_size: int = field(default=32, metadata={"help": "rows (LM calls) per optimizer step"})
+    micro_batch_size: int = 16
+    learning_rate: float = 1e-4
+    max_tokens: int = 128
+    num_threads: int = 64
+    max_rollouts: int = field(default=256, metadata={"help": "budget: program executions in this stage"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "epochs", "batch_size", "micro_batch_size", "max_tokens", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_rollouts < self.num_samples:
+            raise ValueError(f"max_rollouts={self.max_rollouts} is below num_samples={self.num_samples}: "
+                             "not one example can be sampled")
+
+    @property
+    def examples(self) -> int:
+        """Training examples sampled within the budget."""
+        return self.max_rollouts // self.num_samples
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -32,54 +31,14 @@ import dspy
 
 from rl import distributed
 from rl.advantages import Row
-from rl.config import WeightStageConfig
+from rl.config import SelfTrainConfig, WeightStageConfig
 from rl.grpo import GRPOUpdater
 from rl.rollouts import run_rollouts
 from rl.weight_stage import _check_trainset
 
+__all__ = ["SelfTrainConfig", "SelfTrainResult", "self_train"]  # SelfTrainConfig lives in rl.config
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SelfTrainConfig:
-    """Settings of an ``s`` stage.
-
-    Example:
-        >>> SelfTrainConfig(num_samples=4, max_rollouts=64).examples
-        16
-    """
-
-    num_samples: int = field(default=4, metadata={"help": "program runs per training example"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the runs"})
-    success_threshold: float = field(default=1.0, metadata={"help": "a run is kept when its reward >= this"})
-    epochs: int = 2
-    batch_size: int = field(default=32, metadata={"help": "rows (LM calls) per optimizer step"})
-    micro_batch_size: int = 16
-    learning_rate: float = 1e-4
-    max_tokens: int = 128
-    num_threads: int = 64
-    max_rollouts: int = field(default=256, metadata={"help": "budget: program executions in this stage"})
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("num_samples", "epochs", "batch_size", "micro_batch_size", "max_tokens", "num_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.max_rollouts < self.num_samples:
-            raise ValueError(f"max_rollouts={self.max_rollouts} is below num_samples={self.num_samples}: "
-                             "not one example can be sampled")
-
-    @property
-    def examples(self) -> int:
-        """Training examples sampled within the budget."""
-        return self.max_rollouts // self.num_samples
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
