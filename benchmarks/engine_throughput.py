@@ -88,26 +88,36 @@ def main() -> None:
     engine_generate(policy, questions[: args.batch], args.batch, args.max_tokens)
     sides = {"raw": lambda: raw_generate(policy, prompts, args.batch, args.max_tokens),
              "engine": lambda: engine_generate(policy, questions, args.batch, args.max_tokens)}
+    rates, work = alternate(sides, args.rounds)
+    print(f"n={args.n} batch/threads={args.batch} max_tokens={args.max_tokens} mean engine batch="
+          f"{policy.engine.stats()['mean_batch']:.1f}, {args.rounds} rounds (+ warm-up), order a/b then b/a")
+    report(rates, work, args.rounds, {"raw": "(a) raw generate", "engine": "(b) engine via dspy.Evaluate"})
+
+
+def alternate(sides: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, Counter]]:
+    """Run each side once per round, a/b then b/a: tokens/s per round and the summed work, per side."""
     rates: dict[str, list[float]] = {name: [] for name in sides}
     work: dict[str, Counter] = {name: Counter() for name in sides}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
             done, seconds = sides[name]()
             rates[name].append(done["tokens_generated"] / seconds)
             work[name].update(done)
         print(f"round {r}: " + " | ".join(f"{name} {rates[name][-1]:.0f} tok/s" for name in sides))
-    print(f"n={args.n} batch/threads={args.batch} max_tokens={args.max_tokens} mean engine batch="
-          f"{policy.engine.stats()['mean_batch']:.1f}, {args.rounds} rounds (+ warm-up), order a/b then b/a")
-    labels = {"raw": "(a) raw generate", "engine": "(b) engine via dspy.Evaluate"}
+    return rates, work
+
+
+def report(rates: dict[str, list[float]], work: dict[str, Counter], rounds: int, labels: dict[str, str],
+           target: str = "") -> None:
+    """Per side: the work of a round and tokens/s median [min..max]; then the ratio engine / raw."""
     for name, label in labels.items():
-        w, values = {k: v / args.rounds for k, v in work[name].items()}, rates[name]
+        w, values = {k: v / rounds for k, v in work[name].items()}, rates[name]
         print(f"{label:<30} work per round: {w['rows']:.0f} rows, {w['prompt_tokens']:.0f} prompt tok, "
               f"{w['tokens_generated']:.0f} tok generated | {statistics.median(values):.0f} tok/s "
               f"[{min(values):.0f}..{max(values):.0f}]")
     per_round = [b / a for a, b in zip(rates["raw"], rates["engine"])]
     ratio = statistics.median(rates["engine"]) / statistics.median(rates["raw"])
-    print(f"ratio (b)/(a) = {ratio:.2f}   (per round: {', '.join(f'{x:.2f}' for x in per_round)})")
-
+    print(f"ratio (b)/(a) = {ratio:.2f}   (per round: {', '.join(f'{x:.2f}' for x in per_round)}){target}")
 
 if __name__ == "__main__":
     main()
