@@ -48,6 +48,7 @@ from dspy.utils.callback import BaseCallback
 
 from metrics import Rubric, as_rubric
 from optimizers.errors import BudgetExhausted, PromptBudgetError
+from rl.errors import StageConfigError
 
 __all__ = ["OPTIMIZERS", "PromptBudgetError", "PromptPlan", "PromptStageConfig", "PromptStageError",
            "PromptStageResult", "plan_prompt_stage", "prompt_stage", "run_prompt_stage"]
@@ -59,7 +60,7 @@ OPTIMIZERS = ("bootstrap_rs", "mipro", "gepa", "simba", "random_demos")
 AUTO_PRESETS = ("light", "medium", "heavy")
 
 
-class PromptStageError(ValueError):
+class PromptStageError(StageConfigError):
     """A prompt stage cannot run with the inputs it was given (the message says what to change)."""
 
 

@@ -11,7 +11,7 @@ Public API:
 """
 
 from rl.config import SelfTrainConfig, WeightStageConfig
-from rl.errors import CotuneRLError, EngineError, ModelNotFoundError, UnsafeModelError
+from rl.errors import CotuneRLError, EngineError, ModelNotFoundError, StageConfigError, UnsafeModelError
 from rl.policy import LoraSettings, Policy, PolicyLM
 from rl.rollouts import Rollout, run_rollouts
 from rl.self_train import SelfTrainResult
@@ -31,6 +31,7 @@ __all__ = [
     "Rollout",
     "SelfTrainConfig",
     "SelfTrainResult",
+    "StageConfigError",
     "TokenizationMismatchError",
     "TrainsetError",
     "WeightStageConfig",

@@ -19,8 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rl.errors import StageConfigError
+
 MODEL_SETTINGS_FILE = "cotune.json"
 MODEL_SETTINGS_SECTIONS = ("weights", "self_training", "prompt")
+IMPORTANCE_SAMPLING_MODES = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none")
+SCALE_REWARDS = ("group", "batch", "none")
 
 
 class ModelSettingsError(ValueError):
@@ -129,42 +133,39 @@ class WeightStageConfig:
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
-            raise ValueError(f"num_generations (G) must be >= 2 for group-relative advantages, got {self.num_generations}")
-        if self.examples_per_step < 1:
-            raise ValueError(f"examples_per_step must be >= 1, got {self.examples_per_step}")
+            raise StageConfigError(f"num_generations (G) must be >= 2 for group-relative advantages, "
+                                   f"got {self.num_generations}")
+        for name in ("examples_per_step", "max_tokens", "micro_batch_size", "num_iterations", "num_threads"):
+            if getattr(self, name) < 1:
+                raise StageConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
-            raise ValueError(f"rollouts need temperature > 0 to differ, got {self.temperature}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise StageConfigError(f"temperature must be > 0 (rollouts need temperature > 0 to differ), "
+                                   f"got {self.temperature}")
         if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.micro_batch_size < 1 or self.num_iterations < 1:
-            raise ValueError("micro_batch_size and num_iterations must be >= 1")
+            raise StageConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("beta", "epsilon", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise StageConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.micro_batch_size % 2:
-            raise ValueError(f"micro_batch_size must be even, got {self.micro_batch_size}: TRL's GRPO loss (rl/grpo.py) "
-                             "is built with 2 generations per prompt and refuses an odd batch")
+            raise StageConfigError(f"micro_batch_size must be even, got {self.micro_batch_size}: TRL's GRPO loss "
+                                   "(rl/grpo.py) is built with 2 generations per prompt and refuses an odd batch")
         if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (save every K steps; 0: no checkpoints), "
-                             f"got {self.checkpoint_every}")
-        if self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+            raise StageConfigError(f"checkpoint_every must be >= 0 (save every K steps; 0: no checkpoints), "
+                                   f"got {self.checkpoint_every}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.epsilon < 0:
-            raise ValueError("warmup_steps, weight_decay and epsilon must be >= 0")
-        modes = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none")
-        if self.importance_sampling not in modes:
-            raise ValueError(f"importance_sampling must be one of {modes}, got {self.importance_sampling!r}")
+            raise StageConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.importance_sampling not in IMPORTANCE_SAMPLING_MODES:
+            raise StageConfigError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING_MODES}, "
+                                   f"got {self.importance_sampling!r}")
         if self.importance_sampling_cap <= 1:
-            raise ValueError(f"importance_sampling_cap must be > 1, got {self.importance_sampling_cap}")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
+            raise StageConfigError(f"importance_sampling_cap must be > 1, got {self.importance_sampling_cap}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise StageConfigError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         if self.max_rollouts < self.rollouts_per_step:
-            raise ValueError(
-                f"max_rollouts={self.max_rollouts} is below one step's {self.rollouts_per_step} rollouts "
-                f"(examples_per_step={self.examples_per_step} x num_generations={self.num_generations})"
+            raise StageConfigError(
+                f"max_rollouts must be >= {self.rollouts_per_step}, one step's rollouts (examples_per_step="
+                f"{self.examples_per_step} x num_generations={self.num_generations}), got {self.max_rollouts}: "
+                "it is below one step"
             )
 
     @property
@@ -203,14 +204,14 @@ class SelfTrainConfig:
     def __post_init__(self) -> None:
         for name in ("num_samples", "epochs", "batch_size", "micro_batch_size", "max_tokens", "num_threads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise StageConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise StageConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise StageConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.max_rollouts < self.num_samples:
-            raise ValueError(f"max_rollouts={self.max_rollouts} is below num_samples={self.num_samples}: "
-                             "not one example can be sampled")
+            raise StageConfigError(f"max_rollouts must be >= num_samples={self.num_samples}, got {self.max_rollouts}: "
+                                   "not one example can be sampled")
 
     @property
     def examples(self) -> int:

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+class StageConfigError(ValueError):
+    """A stage config (``WeightStageConfig``, ``SelfTrainConfig``, ``PromptStageConfig``) was given a value its field
+    does not allow; the message names the field and the values it allows.
+
+    Shared by every stage kind (``p``, ``w``, ``s``), so it is a plain ``ValueError``, not a :class:`CotuneRLError`
+    (``optimizers.prompt_stage.PromptStageError`` subclasses it).
+    """
+
+
 class CotuneRLError(Exception):
     """Base class for errors raised by cotune's rl package."""
 

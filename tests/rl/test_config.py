@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import pytest
+
 import rl
 import rl.self_train
+from optimizers.prompt_stage import PromptStageConfig, PromptStageError
 from rl.config import SelfTrainConfig, WeightStageConfig
+from rl.errors import StageConfigError
 
 
 def test_rl_stage_configs_live_in_rl_config():
     assert WeightStageConfig.__module__ == SelfTrainConfig.__module__ == "rl.config"
     assert rl.SelfTrainConfig is rl.self_train.SelfTrainConfig is SelfTrainConfig  # old import path still works
     assert SelfTrainConfig(num_samples=4, max_rollouts=64).to_dict()["num_samples"] == 4
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    (WeightStageConfig, {"num_generations": 1}, r"num_generations \(G\) must be >= 2"),
+    (WeightStageConfig, {"num_iterations": 0}, "num_iterations must be >= 1, got 0"),
+    (WeightStageConfig, {"epsilon": -0.1}, "epsilon must be >= 0, got -0.1"),
+    (WeightStageConfig, {"scale_rewards": "all"}, r"scale_rewards must be one of \('group', 'batch', 'none'\)"),
+    (WeightStageConfig, {"max_rollouts": 3}, "max_rollouts must be >= 64"),
+    (SelfTrainConfig, {"epochs": 0}, "epochs must be >= 1, got 0"),
+    (SelfTrainConfig, {"temperature": -1.0}, "temperature must be >= 0"),
+    (SelfTrainConfig, {"max_rollouts": 2}, "max_rollouts must be >= num_samples=4"),
+    (PromptStageConfig, {"optimizer": "adam"}, "unknown optimizer 'adam'; expected one of"),
+    (PromptStageConfig, {"num_threads": 0}, "num_threads must be >= 1"),
+])
+def test_every_stage_config_refuses_a_bad_value_with_one_error(cls, kwargs, message):
+    with pytest.raises(StageConfigError, match=message) as caught:
+        cls(**kwargs)
+    assert isinstance(caught.value, ValueError)  # callers catching ValueError keep working
+
+
+def test_prompt_stage_error_is_a_stage_config_error():
+    assert issubclass(PromptStageError, StageConfigError) and rl.StageConfigError is StageConfigError
