@@ -252,6 +252,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from experiments.config import SPACE_SECTIONS
+    from rl.config import config_help
+
+    print(config_help(SPACE_SECTIONS[args.section]()))
+    return 0
+
+
 def _download_bundle(uri: str, tracking_uri: str | None) -> str:
     """``runs:/<run id>``: the run's ``best/`` bundle, downloaded from MLflow."""
     import tempfile
@@ -353,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", action="store_true", help="also write merged full weights (a plain HF model)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
     export.set_defaults(func=_cmd_export)
+
+    from experiments.config import SPACE_SECTIONS
+
+    config = sub.add_parser("config", help="the settings an experiment YAML accepts under a section",
+                            description="Print one line per setting an experiment YAML (or optimize()) accepts "
+                                        "under SECTION: name (type, default): help.")
+    config.add_argument("section", choices=list(SPACE_SECTIONS), help="the YAML section (the stage config it fills)")
+    config.set_defaults(func=_cmd_config)
 
     model = sub.add_parser("model", help="build or inspect local models").add_subparsers(dest="model_cmd", required=True)
     build = model.add_parser("build", help="rebuild an embedded model (tiny or agent) from its recipe (cached under "

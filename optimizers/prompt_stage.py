@@ -100,19 +100,29 @@ class PromptStageConfig:
             demos make it skip), and the rollouts not spent here pass to the next stages of the schedule.
     """
 
-    optimizer: str = "bootstrap_rs"
-    max_bootstrapped_demos: int = 3
-    max_labeled_demos: int = 3
-    num_candidate_programs: int = 4
-    auto: str | None = "light"
-    num_trials: int | None = None
-    max_metric_calls: int | None = None
-    max_steps: int = 4
-    minibatch_size: int = 32
-    num_threads: int = 8
-    format_failure_score: float = 0.0
-    seed: int = 0
-    patience: int | None = 3
+    optimizer: str = field(default="bootstrap_rs", metadata={"help": "bootstrap_rs, mipro, gepa, simba, or random_demos "
+                                                                     "(the control arm: random labelled demos, no search)"})
+    max_bootstrapped_demos: int = field(default=3, metadata={"help": "demos bootstrapped from the program's own "
+                                                                     "successful traces, per predictor"})
+    max_labeled_demos: int = field(default=3, metadata={"help": "demos taken straight from the trainset labels "
+                                                                "(bootstrap_rs, mipro)"})
+    num_candidate_programs: int = field(default=4, metadata={"help": "bootstrap_rs: shuffled bootstraps tried; mipro "
+                                                                     "(auto=None): candidates; simba: per step"})
+    auto: str | None = field(default="light", metadata={"help": "mipro / gepa budget preset: light, medium, heavy; "
+                                                                "None uses num_trials / max_metric_calls"})
+    num_trials: int | None = field(default=None, metadata={"help": "mipro's optimisation trials (needed when "
+                                                                    "auto is None)"})
+    max_metric_calls: int | None = field(default=None, metadata={"help": "gepa's metric-call budget (needed when "
+                                                                          "auto is None)"})
+    max_steps: int = field(default=4, metadata={"help": "simba optimisation steps"})
+    minibatch_size: int = field(default=32, metadata={"help": "fewest val examples a candidate is scored on "
+                                                              "(simba: its batch size)"})
+    num_threads: int = field(default=8, metadata={"help": "parallel program calls (the engine micro-batches them)"})
+    format_failure_score: float = field(default=0.0, metadata={"help": "score of a run that fails to parse or "
+                                                                       "raises (bootstrap_rs, gepa)"})
+    seed: int = field(default=0, metadata={"help": "seed of the optimizer's sampling and of the trainset order"})
+    patience: int | None = field(default=3, metadata={"help": "bootstrap_rs: stop after this many demo candidates "
+                                                              "in a row below the program as it is (None: never)"})
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

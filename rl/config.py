@@ -15,7 +15,7 @@ them under whatever the user sets.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +83,30 @@ def lora_learning_rate(hidden_size: int) -> float:
     return min(1e-3, max(1e-5, 2e-5 * (896 / hidden_size) ** 2))
 
 
+def config_help(cls) -> str:
+    """One ``name (type, default): help`` line per field of a config dataclass, from the fields' ``help`` metadata.
+
+    What ``cotune config SECTION`` prints: the settings an experiment YAML (or ``optimize()``'s dict) accepts for a
+    stage. A field without ``help`` gets its line without the ``: help`` part.
+
+    Example:
+        >>> print(config_help(SelfTrainConfig).splitlines()[0])
+        num_samples (int, 4): program runs per training example
+    """
+    lines = []
+    for f in fields(cls):
+        if f.default is not MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        help_text = f.metadata.get("help")
+        lines.append(f"{f.name} ({kind}, {default})" + (f": {help_text}" if help_text else ""))
+    return "\n".join(lines)
+
+
 @dataclass
 class WeightStageConfig:
     """Settings of a GRPO weight stage on the policy's LoRA adapter.
@@ -97,7 +121,7 @@ class WeightStageConfig:
     num_generations: int = field(default=8, metadata={"help": "G: rollouts of the whole program per example"})
     examples_per_step: int = field(default=8, metadata={"help": "examples (GRPO groups) per optimizer step"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (> 0)"})
-    top_p: float = 1.0
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of rollouts, in (0, 1]"})
     max_tokens: int = field(default=128, metadata={"help": "max new tokens per LM call"})
     num_threads: int = field(default=64, metadata={"help": "concurrent program executions during rollouts"})
     dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: replace examples whose G rollouts all "
@@ -105,7 +129,8 @@ class WeightStageConfig:
                                                                     "per step); every rollout counts in the budget"})
     # reward
     format_failure_score: float = field(default=0.0, metadata={"help": "reward of a run that failed to parse/raised"})
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={
+        "help": "divide advantages by the reward std of the group, the batch, or not at all (none)"})
     # optimisation (TRL GRPO loss)
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW lr for the LoRA adapter (TRL's 1e-6 is for full "
                                                              "fine-tuning); optimize() defaults it from the model"})
@@ -115,11 +140,13 @@ class WeightStageConfig:
     loss_type: str = field(default="dapo", metadata={"help": "TRL loss aggregation: dapo, grpo, dr_grpo, bnpo"})
     micro_batch_size: int = field(default=16, metadata={"help": "rows per forward/backward; a step accumulates all its rows"})
     num_iterations: int = field(default=1, metadata={"help": "optimizer steps per rollout batch (>1 enables clipping)"})
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "constant"
-    mask_truncated_completions: bool = False
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: no clipping)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "lr warmup steps"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers lr schedule (constant, "
+                                                                        "linear, cosine, ...)"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "drop completions cut at max_tokens "
+                                                                              "from the loss"})
     # off-policy correction, for rollouts sampled by a vLLM server (TRL's vllm_importance_sampling_*)
     importance_sampling: Literal["sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none"] = field(
         default="sequence_mask", metadata={"help": "weight each vLLM-sampled completion by pi_trainer/pi_vllm: "
@@ -128,7 +155,7 @@ class WeightStageConfig:
     # budget and bookkeeping
     max_rollouts: int = field(default=1024, metadata={"help": "budget: total program executions in this stage"})
     checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every K steps (0: off)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of example order, sampling and the trainer"})
     deterministic: bool = field(default=False, metadata={"help": "one rollout at a time (exactly reproducible; slower)"})
 
     def __post_init__(self) -> None:
@@ -192,14 +219,14 @@ class SelfTrainConfig:
     num_samples: int = field(default=4, metadata={"help": "program runs per training example"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the runs"})
     success_threshold: float = field(default=1.0, metadata={"help": "a run is kept when its reward >= this"})
-    epochs: int = 2
+    epochs: int = field(default=2, metadata={"help": "passes over the kept rows"})
     batch_size: int = field(default=32, metadata={"help": "rows (LM calls) per optimizer step"})
-    micro_batch_size: int = 16
-    learning_rate: float = 1e-4
-    max_tokens: int = 128
-    num_threads: int = 64
+    micro_batch_size: int = field(default=16, metadata={"help": "rows per forward/backward; a step accumulates all its rows"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW lr for the LoRA adapter"})
+    max_tokens: int = field(default=128, metadata={"help": "max new tokens per LM call"})
+    num_threads: int = field(default=64, metadata={"help": "concurrent program executions while sampling"})
     max_rollouts: int = field(default=256, metadata={"help": "budget: program executions in this stage"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the example draw, sampling and row order"})
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "epochs", "batch_size", "micro_batch_size", "max_tokens", "num_threads"):

@@ -189,3 +189,16 @@ def test_commands_other_than_run_refuse_several_processes(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 2
     assert "only `cotune run` trains data-parallel" in out.stderr and "rank 1 of 2" in out.stderr
+
+
+def test_config_prints_every_setting_of_a_yaml_section_with_its_help(capsys):
+    import dataclasses
+
+    from experiments.config import SPACE_SECTIONS
+
+    for section, cls in SPACE_SECTIONS.items():
+        assert main(["config", section]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split(" (", 1)[0] for line in lines] == [f.name for f in dataclasses.fields(cls())]
+    assert main(["config", "weights"]) == 0
+    assert "learning_rate (float, 2e-05): AdamW lr for the LoRA adapter" in capsys.readouterr().out

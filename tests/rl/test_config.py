@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import rl
 import rl.self_train
 from optimizers.prompt_stage import PromptStageConfig, PromptStageError
-from rl.config import SelfTrainConfig, WeightStageConfig
+from rl.config import SelfTrainConfig, WeightStageConfig, config_help
 from rl.errors import StageConfigError
 
 
@@ -37,3 +39,12 @@ def test_every_stage_config_refuses_a_bad_value_with_one_error(cls, kwargs, mess
 
 def test_prompt_stage_error_is_a_stage_config_error():
     assert issubclass(PromptStageError, StageConfigError) and rl.StageConfigError is StageConfigError
+
+
+@pytest.mark.parametrize("cls", [WeightStageConfig, SelfTrainConfig, PromptStageConfig])
+def test_every_stage_config_field_has_help_and_config_help_renders_it(cls):
+    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("help")]
+    assert names == [f.name for f in dataclasses.fields(cls)], "a field without metadata={'help': ...}"
+    lines = config_help(cls).splitlines()
+    assert len(lines) == len(names) and all(": " in line for line in lines)
+    assert "num_threads (int, " in config_help(cls)
