@@ -187,6 +187,13 @@ def _cmd_review(args: argparse.Namespace) -> int:
         raise ReviewError(f"experiment {name!r} has no cotune traces{' in stage ' + args.stage if args.stage else ''}"
                           " (cotune run logs some unless tracking.traces is 0)")
     mlflow.set_tracking_uri(uri)  # labels are written through MLflow's fluent assessment API
+    if args.mlflow_queue:
+        from experiments.review import enqueue
+
+        queue_id, added = enqueue(found.experiment_id, items, args.mlflow_queue)
+        print(f"[cotune] {added} traces added to MLflow review queue {args.mlflow_queue!r} ({queue_id}) of "
+              f"experiment {name!r}: open the experiment's Review page in the MLflow UI (mlflow ui / mlflow server)")
+        return 0
     review_loop(items, key=read_key, ask=input, write=lambda text: print(text, end="", flush=True),
                 reviewer=args.reviewer, limit=args.limit)
     return 0
@@ -338,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--stage", help="only traces of this stage, e.g. 2-w")
     review.add_argument("--limit", type=int, help="at most this many traces")
     review.add_argument("--reviewer", default="cotune-review", help="the HUMAN source id written with each label")
+    review.add_argument("--mlflow-queue", metavar="NAME", help="instead of asking here, put the queue (in the same "
+                                                                "order) into an MLflow review queue for the UI")
     review.set_defaults(func=_cmd_review)
 
     calibrate = sub.add_parser("calibrate", parents=[track], help="fit the rubric's weights to the labels on the "

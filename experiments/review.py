@@ -26,7 +26,8 @@ LABEL = "label"  # HUMAN feedback: True (pass) / False (fail)
 CORRECTED = "corrected_answer"  # HUMAN expectation: what the answer should have been
 KEYS = {"p": True, "f": False}
 
-__all__ = ["CORRECTED", "LABEL", "ReviewItem", "fetch_items", "labels", "queue", "record_label", "review_loop"]
+__all__ = ["CORRECTED", "LABEL", "ReviewItem", "enqueue", "fetch_items", "labels", "queue", "record_label",
+           "review_loop"]
 
 
 class ReviewError(ValueError):
@@ -79,6 +80,14 @@ class ReviewItem:
         return max(values) - min(values) if len(values) > 1 else 0.0
 
 
+def _verdict(value: Any) -> bool | None:
+    """A HUMAN label's value as pass/fail: a bool, or the word MLflow's pass/fail question writes."""
+    if isinstance(value, bool):
+        return value
+    return {"pass": True, "yes": True, "true": True, "fail": False, "no": False, "false": False}.get(
+        str(value).strip().lower())
+
+
 def _norm(value: Any) -> str:
     return " ".join(str(value).strip().lower().split())
 
@@ -96,8 +105,8 @@ def _item(trace: Any) -> ReviewItem:
                 components[a.name] = float(value)
         elif source.source_type == "CODE" and source.source_id == DATA_SOURCE_ID:
             expected[a.name] = value
-        elif source.source_type == "HUMAN" and a.name == LABEL and isinstance(value, bool):
-            human, rationale = value, getattr(a, "rationale", None) or ""  # the newest is last: it wins
+        elif source.source_type == "HUMAN" and a.name == LABEL and _verdict(value) is not None:
+            human, rationale = _verdict(value), getattr(a, "rationale", None) or ""  # the newest is last: it wins
         elif source.source_type == "HUMAN" and a.name == CORRECTED:
             corrected = str(value)
     tags = {k: v for k, v in trace.info.tags.items() if k.startswith("cotune.")}
@@ -222,3 +231,35 @@ def labels(items: Iterable[ReviewItem], *, gold: bool = True) -> list[Any]:
         out.append(Label(item.trace_id, item.components, verdict, source=source, rationale=item.rationale,
                          corrected=item.corrected, example=example, prediction=dspy.Prediction(**item.outputs)))
     return out
+
+
+def enqueue(experiment_id: str, items: Iterable[ReviewItem], name: str = "cotune-review") -> tuple[str, int]:
+    """Put :func:`queue`'s order into an MLflow review queue of the experiment, for its own Review page.
+
+    MLflow 3.17 keeps review queues in the tracking store (no hosted service needed; checked on sqlite and
+    ``mlflow server``): a queue holds trace items and the questions a reviewer answers, and the answers are
+    ``Feedback`` assessments on the traces. The questions here are the ones ``cotune review`` asks, under the same
+    names (:data:`LABEL` pass/fail with a comment, :data:`CORRECTED` text), so ``cotune calibrate`` reads the
+    answers given in MLflow's UI like its own. An existing queue of that name gets the new items. Returns the
+    queue id and how many items were added. The process's tracking URI must be the experiment's store.
+    """
+    import mlflow.genai.label_schemas as schemas
+    import mlflow.genai.review_queues as queues
+
+    existing = {q.name: q for q in schemas.list_label_schemas(experiment_id)}
+    questions = [
+        existing.get(LABEL) or schemas.create_label_schema(
+            LABEL, type="feedback", experiment_id=experiment_id, enable_comment=True,
+            input=schemas.InputPassFail(positive_label="pass", negative_label="fail"),
+            instruction="Is this run of the program right?"),
+        existing.get(CORRECTED) or schemas.create_label_schema(
+            CORRECTED, type="expectation", experiment_id=experiment_id, input=schemas.InputText(),
+            instruction="What should the answer have been?")]
+    try:
+        found = queues.get_review_queue(name=name, experiment_id=experiment_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own "not found" error: make the queue
+        found = queues.create_review_queue(name, queue_type="custom", experiment_id=experiment_id,
+                                           schema_ids=[q.schema_id for q in questions])
+    todo = [item.trace_id for item in queue(items)]
+    added = queues.add_items_to_review_queue(found.queue_id, item_ids=todo) if todo else []
+    return found.queue_id, len(added)

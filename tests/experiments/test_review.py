@@ -57,3 +57,27 @@ def test_the_queue_puts_disagreements_first_then_conflicts_and_labels_land_in_ml
 
 def test_a_key_from_a_pipe_is_the_first_character_of_a_line():
     assert read_key(io.StringIO("pass\n")) == "p" and read_key(io.StringIO("")) == "q"
+
+
+def test_the_queue_goes_to_an_mlflow_review_queue_whose_answers_count_as_labels(store):
+    """MLflow's own review queue (local, in the tracking store): the same order, the same questions; an answer given
+    there (a HUMAN "label" feedback with the pass/fail question's word) is read back as a label."""
+    import mlflow.genai.review_queues as queues
+    from mlflow.entities import AssessmentSource
+
+    from experiments.review import enqueue
+
+    client, experiment = store
+    log_traces([_case(0, "7", "7", 1.0, {"correct": 1.0, "short": 1.0}),
+                _case(2, "3", "7", 0.9, {"correct": 0.0, "short": 1.0})], experiment)
+    mlflow.flush_trace_async_logging(terminate=False)
+    items = fetch_items(client, experiment)
+    queue_id, added = enqueue(experiment, items)
+    listed = [i.item_id for i in queues.list_review_queue_items(queue_id)]
+    assert added == 2 and sorted(listed) == sorted(i.trace_id for i in queue(items))
+    assert enqueue(experiment, items)[0] == queue_id  # the same queue again, not a second one
+
+    wrong = queue(items)[0]  # what a reviewer's answer in the UI writes
+    mlflow.log_feedback(trace_id=wrong.trace_id, name=LABEL, value="fail",
+                        source=AssessmentSource(source_type="HUMAN", source_id="ana"))
+    assert {i.trace_id: i.human for i in fetch_items(client, experiment)}[wrong.trace_id] is False
