@@ -107,6 +107,32 @@ def config_help(cls) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class UpdaterSettings:
+    """What :class:`rl.grpo.GRPOUpdater` reads: TRL's GRPO loss, its optimizer and lr schedule, the micro-batch.
+
+    Each stage config that trains through the updater produces one (``WeightStageConfig.updater_settings()``,
+    ``SelfTrainConfig.updater_settings()``), so a stage reuses the updater without posing as another stage's config.
+    The defaults are ``WeightStageConfig``'s (tests/rl/test_config.py keeps them equal); the stage configs validate.
+    """
+
+    learning_rate: float
+    micro_batch_size: int
+    seed: int = 0
+    temperature: float = 1.0  # TRL scales logits by it in the loss: the sampler's temperature
+    beta: float = 0.0
+    epsilon: float = 0.2
+    loss_type: str = "dapo"
+    num_iterations: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"
+    mask_truncated_completions: bool = False
+    importance_sampling: str = "sequence_mask"
+    importance_sampling_cap: float = 3.0
+
+
 @dataclass
 class WeightStageConfig:
     """Settings of a GRPO weight stage on the policy's LoRA adapter.
@@ -203,6 +229,10 @@ class WeightStageConfig:
     def max_steps(self) -> int:
         return self.max_rollouts // self.rollouts_per_step
 
+    def updater_settings(self) -> UpdaterSettings:
+        """The GRPO updater's settings: this stage's loss, optimizer and sampling temperature."""
+        return UpdaterSettings(**{f.name: getattr(self, f.name) for f in fields(UpdaterSettings)})
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -244,6 +274,14 @@ class SelfTrainConfig:
     def examples(self) -> int:
         """Training examples sampled within the budget."""
         return self.max_rollouts // self.num_samples
+
+    def updater_settings(self) -> UpdaterSettings:
+        """The GRPO updater's settings for supervised fine-tuning: every row's advantage is 1 and one pass per batch
+        keeps clipping inactive, so TRL's dapo loss is the completions' mean token log-likelihood; temperature 1 in
+        the loss, because the likelihood maximised is the model's own, not the sampler's. The rest (no KL, the
+        default schedule) is the updater's defaults."""
+        return UpdaterSettings(learning_rate=self.learning_rate, micro_batch_size=self.micro_batch_size,
+                               seed=self.seed, temperature=1.0, loss_type="dapo")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

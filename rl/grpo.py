@@ -44,7 +44,7 @@ import torch
 
 from rl import distributed, trl_seam
 from rl.advantages import Row
-from rl.config import WeightStageConfig
+from rl.config import UpdaterSettings, WeightStageConfig
 from rl.errors import CotuneRLError
 from rl.policy import zero3_lora_params
 from rl.trl_seam import IS_RATIO, ROW_MEAN_LOSSES
@@ -79,16 +79,17 @@ class GRPOUpdater:
 
     Args:
         policy: the :class:`rl.policy.Policy` whose LoRA adapter is trained in place.
-        config: the weight stage config (lr, beta, epsilon, loss type, micro-batch size, ...).
+        config: the :class:`rl.config.UpdaterSettings` (lr, beta, epsilon, loss type, micro-batch size, ...) a stage
+            config produces, or a ``WeightStageConfig`` (its ``updater_settings()`` are taken).
         total_steps: optimizer steps planned (for the lr schedule).
     """
 
-    def __init__(self, policy, config: WeightStageConfig, total_steps: int) -> None:
+    def __init__(self, policy, config: UpdaterSettings | WeightStageConfig, total_steps: int) -> None:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
 
         self.policy = policy
-        self.config = config
+        self.config = config = config if isinstance(config, UpdaterSettings) else config.updater_settings()
         backend = _launched_with()
         if backend == "fsdp":
             raise UnsupportedDistributedError(

@@ -31,7 +31,7 @@ import dspy
 
 from rl import distributed
 from rl.advantages import Row
-from rl.config import SelfTrainConfig, WeightStageConfig
+from rl.config import SelfTrainConfig
 from rl.grpo import GRPOUpdater
 from rl.rollouts import run_rollouts
 from rl.weight_stage import _check_trainset
@@ -104,11 +104,7 @@ def self_train(
         return result
 
     steps_per_epoch = -(-len(rows) // config.batch_size)
-    # temperature 1 in the loss: the likelihood being maximised is the model's own, not the sampler's
-    updater_config = WeightStageConfig(num_generations=2, examples_per_step=1, max_rollouts=2, temperature=1.0,
-                                       learning_rate=config.learning_rate, micro_batch_size=config.micro_batch_size,
-                                       loss_type="dapo", seed=config.seed)
-    updater = GRPOUpdater(policy, updater_config, steps_per_epoch * config.epochs)
+    updater = GRPOUpdater(policy, config.updater_settings(), steps_per_epoch * config.epochs)
     bar = _progress(progress, steps_per_epoch * config.epochs)
     try:
         for epoch in range(config.epochs):

@@ -9,7 +9,7 @@ import pytest
 import rl
 import rl.self_train
 from optimizers.prompt_stage import PromptStageConfig, PromptStageError
-from rl.config import SelfTrainConfig, WeightStageConfig, config_help
+from rl.config import SelfTrainConfig, UpdaterSettings, WeightStageConfig, config_help
 from rl.errors import StageConfigError
 
 
@@ -48,3 +48,9 @@ def test_every_stage_config_field_has_help_and_config_help_renders_it(cls):
     lines = config_help(cls).splitlines()
     assert len(lines) == len(names) and all(": " in line for line in lines)
     assert "num_threads (int, " in config_help(cls)
+
+
+def test_updater_settings_defaults_are_the_weight_stage_defaults():
+    defaults = UpdaterSettings(learning_rate=WeightStageConfig.learning_rate,
+                               micro_batch_size=WeightStageConfig.micro_batch_size)
+    assert defaults == WeightStageConfig().updater_settings()
