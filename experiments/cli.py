@@ -7,6 +7,9 @@ thin shell over the Python API; errors from cotune become a one-line message and
     cotune compare EXPERIMENT.yaml    # read the runs back from MLflow; write a Markdown + PNG report
     cotune tune EXPERIMENT.yaml --trials N   # one Optuna worker on the experiment's study (start several)
     cotune export RUN_OR_BUNDLE OUT   # a stand-alone bundle (program + PEFT adapter [+ merged weights])
+    cotune review EXPERIMENT          # label logged rollouts (one keystroke each), or --mlflow-queue for MLflow's UI
+    cotune calibrate EXPERIMENT.yaml  # fit the rubric's weights to those labels; write calibrated/NAME-vK.json
+    cotune config SECTION             # the fields an experiment file takes under prompt / weights / self_training / lora
     cotune model build tiny           # build (or reuse) the embedded test model, then report its accuracy
     cotune model build agent          # the same for the embedded ReAct agent model (its band per question kind)
     cotune model eval PATH            # parse rate and accuracy of any local model on the default task

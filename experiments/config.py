@@ -27,7 +27,7 @@ The file::
     budget: 600                      # rollouts per run, or {rollouts: 600, lm_calls: 2000}
     prompt: {num_candidate_programs: 8}     # optimizers.PromptStageConfig fields
     weights: {learning_rate: 1.0e-3}        # rl.WeightStageConfig fields
-    self_training: {}                       # rl.self_train.SelfTrainConfig fields
+    self_training: {}                       # rl.config.SelfTrainConfig fields
     lora: {r: 16, alpha: 32}                # rl.LoraSettings fields
     tracking: {uri: sqlite:///mlflow.db, experiment: quickstart, traces: 4}   # traces: per stage, for review
     threads: 1                       # torch CPU threads (1 is fastest for the tiny model on 2 cores)
@@ -630,7 +630,7 @@ def _weights_cls():
 
 
 def _self_train_cls():
-    from rl.self_train import SelfTrainConfig
+    from rl.config import SelfTrainConfig
 
     return SelfTrainConfig
 

@@ -85,8 +85,8 @@ from optimizers.settings import resolve_settings
 from rl import distributed
 from rl.advantages import predictor_namer
 from rl.atomic import atomic_dir
-from rl.config import WeightStageConfig
-from rl.self_train import SelfTrainConfig, self_train
+from rl.config import SelfTrainConfig, WeightStageConfig
+from rl.self_train import self_train
 from rl.weight_stage import _check_trainset, train_weights
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def optimize(
         schedule: stages joined by ``->``: ``p`` prompt optimization, ``w`` GRPO, ``s`` fine-tune on own traces.
         prompt: :class:`PromptStageConfig` (or a dict of its fields) for ``p`` stages.
         weights: :class:`rl.WeightStageConfig` (or dict) for ``w`` stages.
-        self_training: :class:`rl.self_train.SelfTrainConfig` (or dict) for ``s`` stages.
+        self_training: :class:`rl.config.SelfTrainConfig` (or dict) for ``s`` stages.
             Settings left out of a dict come from the model folder's ``cotune.json``, else (the weight stage's
             learning rate) from :func:`rl.config.lora_learning_rate`, else the class default; a config object is
             taken whole. ``params["settings_sources"]`` records which setting came from where.

@@ -22,8 +22,7 @@ from typing import Any
 
 from optimizers.errors import OptimizeError
 from optimizers.prompt_stage import PromptStageConfig
-from rl.config import MODEL_SETTINGS_FILE, ModelSettingsError, WeightStageConfig, lora_learning_rate
-from rl.self_train import SelfTrainConfig
+from rl.config import MODEL_SETTINGS_FILE, ModelSettingsError, SelfTrainConfig, WeightStageConfig, lora_learning_rate
 
 USER, MODEL, RULE = "user", "model", "rule"
 SECTIONS: dict[str, type] = {"prompt": PromptStageConfig, "weights": WeightStageConfig,

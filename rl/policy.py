@@ -33,7 +33,7 @@ import dspy
 import torch
 
 from rl.engine import BatchedEngine
-from rl.errors import ModelNotFoundError, UnsafeModelError
+from rl.errors import ModelNotFoundError, StageConfigError, UnsafeModelError
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,21 @@ class LoraSettings:
     Dropout defaults to 0: GRPO's importance ratio is noisy with dropout on.
     """
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: str | tuple[str, ...] = "all-linear"
-    seed: int = 0
+    r: int = field(default=16, metadata={"help": "LoRA rank (the adapter's inner dimension)"})
+    alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator: the update is scaled by alpha / r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input (0: GRPO's ratio stays "
+                                                          "exact)"})
+    target_modules: str | tuple[str, ...] = field(default="all-linear", metadata={
+        "help": "modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names"})
+    seed: int = field(default=0, metadata={"help": "seed of the adapter's initial weights"})
+
+    def __post_init__(self) -> None:
+        for name in ("r", "alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise StageConfigError(f"lora.{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise StageConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
 
     def to_peft(self):
         from peft import LoraConfig

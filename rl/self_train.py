@@ -36,7 +36,7 @@ from rl.grpo import GRPOUpdater
 from rl.rollouts import run_rollouts
 from rl.weight_stage import _check_trainset
 
-__all__ = ["SelfTrainConfig", "SelfTrainResult", "self_train"]  # SelfTrainConfig lives in rl.config
+__all__ = ["SelfTrainResult", "self_train"]  # its config, SelfTrainConfig, lives in rl.config
 
 logger = logging.getLogger(__name__)
 

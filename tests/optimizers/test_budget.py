@@ -9,7 +9,7 @@ from optimizers import Budget, PromptBudgetError, plan_prompt_stage, plan_run
 from optimizers.budget import describe_plan
 from optimizers.prompt_stage import PromptStageConfig
 from rl import WeightStageConfig
-from rl.self_train import SelfTrainConfig
+from rl.config import SelfTrainConfig
 
 
 def test_bootstrap_rs_scores_every_candidate_on_a_val_subsample_sized_to_the_share():

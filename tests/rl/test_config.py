@@ -15,7 +15,7 @@ from rl.errors import StageConfigError
 
 def test_rl_stage_configs_live_in_rl_config():
     assert WeightStageConfig.__module__ == SelfTrainConfig.__module__ == "rl.config"
-    assert rl.SelfTrainConfig is rl.self_train.SelfTrainConfig is SelfTrainConfig  # old import path still works
+    assert rl.SelfTrainConfig is SelfTrainConfig
     assert SelfTrainConfig(num_samples=4, max_rollouts=64).to_dict()["num_samples"] == 4
 
 
