@@ -35,7 +35,7 @@ from dspy.utils.callback import BaseCallback
 
 from optimizers.errors import BudgetError, BudgetExhausted, PromptBudgetError
 from optimizers.prompt_stage import PromptPlan, PromptStageConfig, plan_prompt_stage, program_shape
-from rl.policy import PolicyLM
+from rl.policy import Policy, PolicyLM
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ class Meter(BaseCallback):
         finally:
             self._paused = previous
 
-    def lm(self, policy: Any, **kwargs: Any) -> MeteredLM:
+    def lm(self, policy: Policy, **kwargs: Any) -> MeteredLM:
         """A policy LM whose every call is admitted by this meter."""
         kwargs.setdefault("num_retries", 0)
         lm = MeteredLM(model=policy.model_string, engine=policy.engine, **kwargs)

@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 import numpy as np
@@ -89,6 +89,9 @@ from rl.config import SelfTrainConfig, WeightStageConfig
 from rl.self_train import self_train
 from rl.weight_stage import _check_trainset, train_weights
 
+if TYPE_CHECKING:
+    from rl.policy import Policy
+
 logger = logging.getLogger(__name__)
 __all__ = ["CorruptRunError", "FieldsNotProducedError", "OptimizeError", "OutputDirError", "RunLockedError", "optimize"]
 
@@ -102,7 +105,7 @@ def optimize(
     valset: Sequence[dspy.Example] | None = None,
     *,
     metric: Callable[..., Any],
-    policy: Any,
+    policy: Policy,
     schedule: str = "p -> w -> p",
     prompt: PromptStageConfig | dict | None = None,
     weights: WeightStageConfig | dict | None = None,
@@ -583,7 +586,7 @@ def _gold_guard(gold_metric: Any) -> GoldGuard | None:
     return GoldGuard(gold_metric)
 
 
-def _check_bindings(program: dspy.Module, policy: Any) -> None:
+def _check_bindings(program: dspy.Module, policy: Policy) -> None:
     """A predictor bound to another LM would bypass the policy: its calls would be neither trained nor recorded."""
     if not isinstance(program, dspy.Module):
         raise OptimizeError(f"program must be a dspy.Module, got {type(program).__name__}")
@@ -594,7 +597,7 @@ def _check_bindings(program: dspy.Module, policy: Any) -> None:
                                 "runs every predictor on the policy: call program.set_lm(None) first")
 
 
-def _check_fields(program: dspy.Module, trainset: list, policy: Any, max_tokens: int, threads: int) -> None:
+def _check_fields(program: dspy.Module, trainset: list, policy: Policy, max_tokens: int, threads: int) -> None:
     """Refuse a program the model cannot produce: the untuned program must parse on 20% of the first train examples."""
     examples = trainset[:FIELDS_CHECK_EXAMPLES]
     lm = policy.lm(temperature=0.0, max_tokens=max_tokens, cache=False)

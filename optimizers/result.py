@@ -23,13 +23,16 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
 from metrics.references import reference_name
 from optimizers.errors import CorruptRunError, ExportTargetError, LoadError
 from rl.atomic import atomic_dir
+
+if TYPE_CHECKING:
+    from rl.policy import Policy
 
 MANIFEST = "manifest.json"
 PROGRAM = "program.json"
@@ -100,7 +103,7 @@ class OptimizeResult:
     """
 
     program: dspy.Module
-    policy: Any
+    policy: Policy
     history: list[StageRecord]
     best_index: int
     last_program: dspy.Module
@@ -194,7 +197,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_manifest(params: dict[str, Any], history: list[StageRecord], best_index: int, policy: Any) -> dict[str, Any]:
+def build_manifest(params: dict[str, Any], history: list[StageRecord], best_index: int, policy: Policy) -> dict[str, Any]:
     last = history[-1]
     return _jsonable({
         "format": BUNDLE_FORMAT,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optimizers.errors import OptimizeError
 from optimizers.prompt_stage import PromptStageConfig
@@ -29,6 +29,10 @@ SECTIONS: dict[str, type] = {"prompt": PromptStageConfig, "weights": WeightStage
                              "self_training": SelfTrainConfig}
 _NOT_FROM_MODEL = ("seed",)  # a run's seed is the user's, never a model's
 
+
+
+if TYPE_CHECKING:
+    from rl.policy import Policy
 
 @dataclasses.dataclass
 class Settings:
@@ -55,7 +59,7 @@ def rule_settings(hidden_size: int | None) -> dict[str, dict[str, Any]]:
     return {"weights": {"learning_rate": lora_learning_rate(int(hidden_size))}}
 
 
-def resolve_settings(policy: Any, *, prompt: Any, weights: Any, self_training: Any, seed: int) -> Settings:
+def resolve_settings(policy: Policy, *, prompt: Any, weights: Any, self_training: Any, seed: int) -> Settings:
     """The run's stage configs from the user's values, the model's ``cotune.json`` and the size rule.
 
     Args:

@@ -25,7 +25,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
@@ -35,6 +35,9 @@ from rl.config import SelfTrainConfig
 from rl.grpo import GRPOUpdater
 from rl.rollouts import run_rollouts
 from rl.weight_stage import _check_trainset
+
+if TYPE_CHECKING:
+    from rl.policy import Policy
 
 __all__ = ["SelfTrainResult", "self_train"]  # its config, SelfTrainConfig, lives in rl.config
 
@@ -56,7 +59,7 @@ def self_train(
     program: dspy.Module,
     trainset: Sequence[dspy.Example],
     metric: Callable,
-    policy,
+    policy: Policy,
     config: SelfTrainConfig | None = None,
     *,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),

@@ -39,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
@@ -55,6 +55,10 @@ StepCallback = Callable[[dict[str, Any]], None]
 # A monitor sees each step's rollouts (completion texts, rewards, components) and returns events, e.g.
 # metrics.DegeneracyMonitor via ``lambda step, rollouts: monitor.observe(step, texts(rollouts))[1]``.
 StepMonitor = Callable[[int, list[Rollout]], Iterable[Any] | None]
+
+if TYPE_CHECKING:
+    from rl.policy import Policy
+
 logger = logging.getLogger(__name__)
 ADVANTAGE_EPS = 1e-4  # added to the std before dividing (rl.advantages' default)
 
@@ -183,7 +187,7 @@ def train_weights(
     program: dspy.Module,
     trainset: Sequence[dspy.Example],
     metric: Callable,
-    policy,
+    policy: Policy,
     config: WeightStageConfig | None = None,
     *,
     output_dir: str | Path | None = None,
