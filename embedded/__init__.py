@@ -24,14 +24,12 @@ from embedded.agent import (
     ship_agent_model,
     shipped_agent_model_path,
 )
+from embedded.shipped import INFO_FILE, SETTINGS_FILE, EmbeddedModelError
 from embedded.tiny import (
     BAND_ARMS,
-    INFO_FILE,
-    SETTINGS_FILE,
     SHIPPED_DIR,
     SHIPPED_SEED,
     TINY_NAME,
-    EmbeddedModelError,
     band_problems,
     measure_band,
     recipe_build_dir,

@@ -34,9 +34,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +42,7 @@ from typing import Any
 
 import dspy
 
-from embedded.tiny import INFO_FILE, SETTINGS_FILE, EmbeddedModelError, _machine, _sha256
+from embedded.shipped import ship, verified
 from programs.tasks import react_tools, world
 from programs.tasks.corpus import Passage, Retriever, read_jsonl
 from programs.tasks.splits import take
@@ -300,16 +298,7 @@ def shipped_agent_model_path() -> Path:
         EmbeddedModelError: a file is missing or was changed (reinstall cotune, or rebuild and re-ship it with
             ``cotune model build agent --ship``).
     """
-    info_path = SHIPPED_DIR / INFO_FILE
-    if not info_path.exists():
-        raise EmbeddedModelError(f"the shipped agent model is missing ({info_path} not found); reinstall cotune or "
-                                 "rebuild it with `cotune model build agent --ship`")
-    for name, digest in json.loads(info_path.read_text())["sha256"].items():
-        path = SHIPPED_DIR / name
-        if not path.exists() or _sha256(path) != digest:
-            raise EmbeddedModelError(f"{path} is missing or differs from the sha256 recorded in {info_path}; "
-                                     "reinstall cotune or rebuild it with `cotune model build agent --ship`")
-    return SHIPPED_DIR
+    return verified(SHIPPED_DIR, "agent")
 
 
 def recipe_build_dir(seed: int = SHIPPED_SEED) -> Path:
@@ -326,25 +315,8 @@ def ship_agent_model(build: str | Path, dest: str | Path = SHIPPED_DIR,
     weights travels with them. The shipped ``cotune.json`` (stage settings measured on the shipped weights) is
     carried over when the build has none; re-measure it after shipping new weights.
     """
-    build, dest = Path(build), Path(dest)
-    sources = {p.name: p for p in build.iterdir() if p.is_file() and p.name != INFO_FILE}
-    if SETTINGS_FILE not in sources and (SHIPPED_DIR / SETTINGS_FILE).exists():
-        sources[SETTINGS_FILE] = SHIPPED_DIR / SETTINGS_FILE
-    info = json.loads((build / INFO_FILE).read_text()) if (build / INFO_FILE).exists() else {}
-    if measured is not None:
-        info["band"] = {arm: m.as_dict() for arm, m in measured.items()}
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, source in sources.items():
-        shutil.copyfile(source, tmp / name)
-    info["sha256"] = {name: _sha256(tmp / name) for name in sorted(sources)}
-    info["built_on"] = _machine()
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
+    extra = {"band": {arm: m.as_dict() for arm, m in measured.items()}} if measured is not None else None
+    return ship(build, dest, SHIPPED_DIR, extra)
 
 
 def agent_policy(seed: int = SHIPPED_SEED, **policy_kwargs):

@@ -24,13 +24,11 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from embedded.shipped import ship, verified
 from programs.tasks import last_digit
 from rl.tiny_model import TinyModelRecipe, build_or_load
 
@@ -38,16 +36,7 @@ TINY_NAME = "tiny-last-digit"
 WARMSTART_EXAMPLES = 20_000
 SHIPPED_DIR = Path(__file__).parent / "weights" / TINY_NAME
 SHIPPED_SEED = 0
-INFO_FILE = "build_info.json"
-SETTINGS_FILE = "cotune.json"  # recommended stage settings (rl.policy reads it), measured on the shipped weights
 
-
-class EmbeddedModelError(RuntimeError):
-    """The shipped model files are missing or differ from the hashes recorded when they were built."""
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _recipe(seed: int) -> tuple[TinyModelRecipe, last_digit.WarmStartRecipe, dict]:
@@ -64,17 +53,7 @@ def shipped_tiny_model_path() -> Path:
         EmbeddedModelError: a file is missing or was changed (reinstall cotune, or rebuild and re-ship it with
             ``cotune model build tiny --ship``).
     """
-    info_path = SHIPPED_DIR / INFO_FILE
-    if not info_path.exists():
-        raise EmbeddedModelError(f"the shipped tiny model is missing ({info_path} not found); reinstall cotune or "
-                                 "rebuild it with `cotune model build tiny --ship`")
-    files = json.loads(info_path.read_text())["sha256"]
-    for name, digest in files.items():
-        path = SHIPPED_DIR / name
-        if not path.exists() or _sha256(path) != digest:
-            raise EmbeddedModelError(f"{path} is missing or differs from the sha256 recorded in {info_path}; "
-                                     "reinstall cotune or rebuild it with `cotune model build tiny --ship`")
-    return SHIPPED_DIR
+    return verified(SHIPPED_DIR, "tiny")
 
 
 def tiny_model_path(
@@ -114,28 +93,9 @@ def recipe_build_dir(seed: int = SHIPPED_SEED) -> Path:
 
 
 def ship_tiny_model(build: str | Path, dest: str | Path = SHIPPED_DIR) -> Path:
-    """Copy a recipe build into the package (``dest``) with the sha256 of every file in its ``build_info.json``.
-
-    The shipped ``cotune.json`` (stage settings measured on the shipped weights) is carried over when the build has
-    none; re-measure it after shipping new weights.
-    """
-    build, dest = Path(build), Path(dest)
-    sources = {p.name: p for p in build.iterdir() if p.is_file() and p.name != INFO_FILE}
-    if SETTINGS_FILE not in sources and (SHIPPED_DIR / SETTINGS_FILE).exists():
-        sources[SETTINGS_FILE] = SHIPPED_DIR / SETTINGS_FILE
-    info = json.loads((build / INFO_FILE).read_text()) if (build / INFO_FILE).exists() else {}
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, source in sources.items():
-        shutil.copyfile(source, tmp / name)
-    info["sha256"] = {name: _sha256(tmp / name) for name in sorted(sources)}
-    info["built_on"] = _machine()
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
+    """Copy a recipe build into the package (``dest``) with the sha256 of every file in its ``build_info.json``
+    (:func:`embedded.shipped.ship`; the shipped ``cotune.json`` is carried over when the build has none)."""
+    return ship(build, dest, SHIPPED_DIR)
 
 
 # --- the quality band every build of the recipe must land in -------------------------------------------------
@@ -181,20 +141,6 @@ def band_problems(m: dict[str, last_digit.Measurement]) -> list[str]:
          f"ChainOfThought parse {c.parse_rate:.1%} / accuracy {c.accuracy:.1%} outside >=95% / 10-65%"),
     ]
     return [problem for ok, problem in checks if not ok]
-
-
-def _machine() -> dict[str, str]:
-    """Where a build ran: the CPU model and the library versions (builds differ across CPUs; see above)."""
-    import platform
-
-    import dspy
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "platform": platform.platform(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "dspy": dspy.__version__}
 
 
 def tiny_policy(seed: int = SHIPPED_SEED, **policy_kwargs):

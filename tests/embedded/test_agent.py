@@ -11,13 +11,13 @@ import shutil
 
 import pytest
 
-from embedded import agent
+from embedded import agent, shipped
 from programs.tasks.corpus import default_retriever, read_jsonl
 from programs.tasks.splits import take
 
 # The recipe does not land in the band yet (see embedded/agent.py, model_recipe): nothing is shipped, so the tests
 # of the shipped weights wait for `cotune model build agent --ship`; remove this mark when the weights ship.
-needs_shipped = pytest.mark.skipif(not (agent.SHIPPED_DIR / agent.INFO_FILE).exists(),
+needs_shipped = pytest.mark.skipif(not (agent.SHIPPED_DIR / shipped.INFO_FILE).exists(),
                                    reason="the agent model is not shipped yet (cotune model build agent --ship)")
 
 
@@ -25,7 +25,7 @@ needs_shipped = pytest.mark.skipif(not (agent.SHIPPED_DIR / agent.INFO_FILE).exi
 def test_shipped_agent_files_match_their_recorded_hashes():
     path = agent.agent_model_path()
     assert path == agent.SHIPPED_DIR
-    info = json.loads((path / agent.INFO_FILE).read_text())
+    info = json.loads((path / shipped.INFO_FILE).read_text())
     assert {"model.safetensors", "config.json", "tokenizer.json", "cotune.json"} <= set(info["sha256"])
     assert info["recipe"]["seed"] == agent.SHIPPED_SEED
     assert agent.agent_band_problems(
@@ -39,10 +39,10 @@ def test_a_changed_or_missing_shipped_agent_file_is_a_clear_error(tmp_path, monk
     assert agent.agent_model_path() == copy
     with open(copy / "config.json", "a") as f:
         f.write(" ")
-    with pytest.raises(agent.EmbeddedModelError, match="config.json.*differs from the sha256"):
+    with pytest.raises(shipped.EmbeddedModelError, match="config.json.*differs from the sha256"):
         agent.agent_model_path()
     shutil.rmtree(copy)
-    with pytest.raises(agent.EmbeddedModelError, match="missing"):
+    with pytest.raises(shipped.EmbeddedModelError, match="missing"):
         agent.agent_model_path()
 
 

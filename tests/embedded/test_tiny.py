@@ -12,21 +12,22 @@ import shutil
 
 import pytest
 
+from embedded import shipped
 from embedded import tiny as embedded
 
 
 def test_shipped_model_files_match_their_recorded_hashes():
     path = embedded.tiny_model_path()
     assert path == embedded.SHIPPED_DIR
-    info = json.loads((path / embedded.INFO_FILE).read_text())
+    info = json.loads((path / shipped.INFO_FILE).read_text())
     assert {"model.safetensors", "config.json", "tokenizer.json", "cotune.json"} <= set(info["sha256"])
     assert info["recipe"]["seed"] == embedded.SHIPPED_SEED
 
 
 def test_a_changed_or_missing_shipped_file_is_a_clear_error(tmp_path, monkeypatch):
-    shipped = embedded.SHIPPED_DIR
-    copy = embedded.ship_tiny_model(shipped, tmp_path / "m")
-    assert (copy / "cotune.json").read_bytes() == (shipped / "cotune.json").read_bytes()
+    original = embedded.SHIPPED_DIR
+    copy = embedded.ship_tiny_model(original, tmp_path / "m")
+    assert (copy / "cotune.json").read_bytes() == (original / "cotune.json").read_bytes()
     monkeypatch.setattr(embedded, "SHIPPED_DIR", copy)
     assert embedded.tiny_model_path() == copy
     with open(copy / "model.safetensors", "r+b") as f:  # one flipped byte
@@ -34,10 +35,10 @@ def test_a_changed_or_missing_shipped_file_is_a_clear_error(tmp_path, monkeypatc
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(embedded.EmbeddedModelError, match="model.safetensors.*differs from the sha256"):
+    with pytest.raises(shipped.EmbeddedModelError, match="model.safetensors.*differs from the sha256"):
         embedded.tiny_model_path()
     shutil.rmtree(copy)
-    with pytest.raises(embedded.EmbeddedModelError, match="missing"):
+    with pytest.raises(shipped.EmbeddedModelError, match="missing"):
         embedded.tiny_model_path()
 
 
