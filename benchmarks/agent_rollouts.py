@@ -23,26 +23,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 
 import dspy
-from engine_throughput import alternate, raw_generate, report  # the one-call benchmark's loop (run as a script)
+from engine_throughput import (  # the one-call benchmark's loop (run as a script)
+    alternate,
+    evaluate_recorded,
+    raw_generate,
+    report,
+)
 
 from programs.registry import get_task
-from rl import Policy, recording
+from rl import Policy
 
 
 def engine_episodes(policy, program: dspy.Module, devset: list, batch: int, max_tokens: int
                     ) -> tuple[dict[str, int], float, list[list[int]]]:
-    lm = policy.lm(temperature=0.0, max_tokens=max_tokens, cache=False)
-    start = time.perf_counter()
-    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)), recording() as calls:
-        dspy.Evaluate(devset=devset, num_threads=batch, display_progress=False, max_errors=len(devset) + 1,
-                      provide_traceback=False)(program, metric=lambda *a: 0.0)
-    elapsed = time.perf_counter() - start
-    work = {"episodes": len(devset), "rows": len(calls), "prompt_tokens": sum(len(c.prompt_ids) for c in calls),
-            "tokens_generated": sum(len(c.completion_ids) for c in calls)}
-    return work, elapsed, [list(c.prompt_ids) for c in calls]
+    """The episodes through the engine: work (with the episode count), seconds, and the prompt ids of every call."""
+    work, elapsed, calls = evaluate_recorded(policy, program, devset, batch, max_tokens)
+    return {"episodes": len(devset), **work}, elapsed, [list(c.prompt_ids) for c in calls]
 
 
 def main() -> None:

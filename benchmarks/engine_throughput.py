@@ -57,7 +57,14 @@ def raw_generate(policy, prompts: list[list[int]], batch: int, max_tokens: int) 
 
 def engine_generate(policy, questions, batch: int, max_tokens: int) -> tuple[dict[str, int], float]:
     devset = [dspy.Example(question=q).with_inputs("question") for q in questions]
-    program = last_digit.predict_program()
+    work, elapsed, _ = evaluate_recorded(policy, last_digit.predict_program(), devset, batch, max_tokens)
+    return work, elapsed
+
+
+def evaluate_recorded(policy, program: dspy.Module, devset: list, batch: int, max_tokens: int
+                      ) -> tuple[dict[str, int], float, list]:
+    """``program`` over ``devset`` with ``dspy.Evaluate(num_threads=batch)`` through ``policy.lm()``, greedy: the work
+    done (rows = LM calls, prompt tokens, tokens generated), the seconds, and every recorded call."""
     lm = policy.lm(temperature=0.0, max_tokens=max_tokens, cache=False)
     start = time.perf_counter()
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)), recording() as calls:
@@ -65,7 +72,7 @@ def engine_generate(policy, questions, batch: int, max_tokens: int) -> tuple[dic
                       provide_traceback=False)(program, metric=lambda *a: 0.0)
     elapsed = time.perf_counter() - start
     return {"rows": len(calls), "prompt_tokens": sum(len(c.prompt_ids) for c in calls),
-            "tokens_generated": sum(len(c.completion_ids) for c in calls)}, elapsed
+            "tokens_generated": sum(len(c.completion_ids) for c in calls)}, elapsed, list(calls)
 
 
 def main() -> None:
