@@ -270,20 +270,10 @@ def _recipe(seed: int) -> tuple[TinyModelRecipe, TeacherRecipe, dict]:
     return model_recipe(seed), teacher, key
 
 
-def agent_model_path(
-    seed: int = SHIPPED_SEED,
-    progress: Callable[[int, int, float], None] | None = None,
-    force: bool = False,
-    from_recipe: bool = False,
-) -> Path:
-    """The agent model's HF folder: the shipped weights, or a build of the recipe in ``$COTUNE_CACHE``.
-
-    Args:
-        seed: the recipe's seed; the shipped weights are seed 0, any other seed is built from the recipe.
-        progress: ``progress(step, total, loss)`` during a build.
-        force: rebuild even if the cache holds this recipe (implies ``from_recipe``).
-        from_recipe: build (or reuse a cached build of) the recipe on this machine instead of the shipped weights.
-    """
+def agent_model_path(seed: int = SHIPPED_SEED, progress: Callable[[int, int, float], None] | None = None,
+                     force: bool = False, from_recipe: bool = False) -> Path:
+    """The agent model's HF folder: the shipped weights, or a build of the recipe in ``$COTUNE_CACHE``; the
+    arguments mean what they mean for :func:`embedded.tiny.tiny_model_path`."""
     if seed == SHIPPED_SEED and not (from_recipe or force):
         return shipped_agent_model_path()
     recipe, teacher, key = _recipe(seed)
