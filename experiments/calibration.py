@@ -76,10 +76,7 @@ def calibrate_experiment(tracking_uri: str, experiment: str, rubric: Any, *, bas
     cal = calibrate(rubric, found_labels, seed=seed, holdout=holdout)
     path = next_version(Path(out_dir), experiment)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cal.save(path)
-    saved = json.loads(path.read_text())
-    saved["base_metric"] = base_metric
-    path.write_text(json.dumps(saved, indent=2) + "\n")
+    cal.save(path, {"base_metric": base_metric})
     human = sum(1 for label in found_labels if label.source == "HUMAN")
     run_id = _log(client, found.experiment_id, cal, path, human, len(found_labels) - human)
     return CalibrationOutcome(cal, path, run_id, human, len(found_labels) - human)

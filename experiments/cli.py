@@ -137,16 +137,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from experiments.compare import compare
-    from experiments.tracking import check_tracking_uri, close_abandoned_runs, describe_store, resolve_tracking_uri
+    from experiments.tracking import close_abandoned_runs, describe_store
 
-    name, configured, out, order = args.experiment, None, None, None
-    if args.experiment.endswith((".yaml", ".yml")) or Path(args.experiment).is_file():
-        from experiments.config import load_experiment
-
-        exp = load_experiment(args.experiment, check_task=False)
-        name, configured, out, order = exp.mlflow_experiment, exp.tracking_uri, exp.reports_dir, [a.name for a in exp.arms]
-    uri = resolve_tracking_uri(args.tracking_uri, configured)
-    check_tracking_uri(uri)
+    name, uri, exp = _experiment_and_uri(args, check_task=False)
+    out, order = (exp.reports_dir, [a.name for a in exp.arms]) if exp is not None else (None, None)
     abandoned = close_abandoned_runs(uri, name)
     if abandoned:
         print(f"[cotune] marked {len(abandoned)} run(s) FAILED that a killed cotune process on this host had left "
@@ -159,7 +153,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment_and_uri(args: argparse.Namespace):
+def _experiment_and_uri(args: argparse.Namespace, check_task: bool = True):
     """(MLflow experiment name, tracking URI, the experiment file or None) from a YAML path or a name."""
     from experiments.tracking import check_tracking_uri, resolve_tracking_uri
 
@@ -167,7 +161,7 @@ def _experiment_and_uri(args: argparse.Namespace):
     if args.experiment.endswith((".yaml", ".yml")) or Path(args.experiment).is_file():
         from experiments.config import load_experiment
 
-        exp = load_experiment(args.experiment)
+        exp = load_experiment(args.experiment, check_task=check_task)
         name, configured = exp.mlflow_experiment, exp.tracking_uri
     uri = resolve_tracking_uri(args.tracking_uri, configured)
     check_tracking_uri(uri)

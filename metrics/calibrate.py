@@ -475,8 +475,9 @@ class Calibration:
             lines.append(f"  candidate {n}: cv {c.without:.3f} -> {c.with_it:.3f}, {'kept' if c.kept else 'dropped'}")
         return "\n".join(lines)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the calibrated rubric as a small versioned JSON file an experiment can name.
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write the calibrated rubric as a small versioned JSON file an experiment can name (``extra``: more
+        top-level fields, e.g. how the experiment names the base rubric).
 
         Why JSON: a reviewer can read and diff it, and it holds only names and numbers (plus the criterion text of
         added LM judges), so it never executes anything when loaded. Apply it with :func:`load_calibrated`.
@@ -492,7 +493,7 @@ class Calibration:
             "format": _FORMAT_NAME, "version": FORMAT_VERSION, "rubric": self.rubric_name,
             "components": list(self.names), "weights": dict(self.weights),
             "gates": {g: list(v) for g, v in self.gates.items()}, "threshold": self.threshold, "added": added,
-            "evidence": self.evidence(), "created": self.created,
+            "evidence": self.evidence(), "created": self.created, **(extra or {}),
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
