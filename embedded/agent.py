@@ -52,7 +52,7 @@ from rl.tiny_model import TinyModelRecipe, build_dir, build_or_load
 AGENT_NAME = "agent-react-tools"
 SHIPPED_DIR = Path(__file__).parent / "weights" / AGENT_NAME
 SHIPPED_SEED = 0
-WARMSTART_VERSION = 1  # bump when the teacher or the episode renderer changes what it produces
+WARMSTART_VERSION = 2  # bump when the teacher or the episode renderer changes what it produces
 
 
 # --- the imperfect teacher ---------------------------------------------------------------------------------------
@@ -64,6 +64,7 @@ class TeacherRecipe:
     p_right: dict[str, float] = field(default_factory=lambda: {
         "elevation_feet": 0.75, "total_employees": 0.65, "founding_gap": 0.3, "founding_age": 0.3})
     worlds: int = 6  # extra generated worlds (seeds 1..worlds) besides the shipped one
+    copy_drills: int = 12000  # short "repeat this" conversations over invented names and numbers (see copy_drills)
     max_iters: int = react_tools.DEFAULT_MAX_ITERS
 
 
@@ -233,11 +234,44 @@ def warmstart_worlds(recipe: TeacherRecipe = TeacherRecipe()) -> Iterator[tuple[
                Retriever([Passage(p["id"], p["title"], p["text"]) for p in generated.passages]))
 
 
+COPY_SYSTEM = "Repeat the user's message exactly."
+
+
+def copy_drills(n: int, seed: int = 0) -> list[list[dict]]:
+    """``n`` short conversations whose answer repeats the user's message: invented names and numbers.
+
+    Why: an agent must copy unseen names from the question into its tool calls and numbers from observations into
+    its expressions, and the episodes alone did not teach that (measured: names came out as plausible inventions,
+    "Wabroth Zakrai" -> "Wabroth Zabro", so ``lookup`` found the wrong entity). Like the copying a pretrained model
+    brings from its pretraining text, the drills teach it in a format of their own (their own system message),
+    over names made as the worlds make theirs (never a held-out entity: fresh random words).
+    """
+    import random
+
+    rng = random.Random(f"agent-copy/{seed}")
+    suffixes = ["", "", " Works", " Group", " Trading", " Labs"]
+    out = []
+    for _ in range(n):
+        items = []
+        for _ in range(rng.randint(2, 5)):
+            if rng.random() < 0.3:
+                items.append(str(rng.randint(1, 9999)))
+            else:
+                words = [world.invented_word(rng, rng.randint(2, 3)) for _ in range(rng.randint(1, 2))]
+                items.append(" ".join(words) + rng.choice(suffixes))
+        text = rng.choice([", ", "; ", " and "]).join(items) + rng.choice(["", "."])
+        out.append([{"role": "system", "content": COPY_SYSTEM}, {"role": "user", "content": text},
+                    {"role": "assistant", "content": text}])
+    return out
+
+
 def warmstart_episodes(recipe: TeacherRecipe = TeacherRecipe(), seed: int = 0) -> list[list[dict]]:
-    """The warm-start corpus: every LM call of the teacher's episodes in :func:`warmstart_worlds`, seeded order."""
+    """The warm-start corpus in a seeded order: every LM call of the teacher's episodes in
+    :func:`warmstart_worlds`, and :func:`copy_drills`."""
     import random
 
     calls = [call for rows, retriever in warmstart_worlds(recipe) for call in render_episodes(rows, retriever, recipe)]
+    calls += copy_drills(recipe.copy_drills, seed)
     random.Random(f"agent-warmstart/{seed}").shuffle(calls)
     return calls
 
@@ -247,25 +281,28 @@ def warmstart_episodes(recipe: TeacherRecipe = TeacherRecipe(), seed: int = 0) -
 def model_recipe(seed: int = SHIPPED_SEED) -> TinyModelRecipe:
     """The agent model's size and warm-start settings.
 
-    NOT YET IN THE BAND. Measured on 2 busy cores (load 3-5; ~1 s/step at hidden 192) with this teacher (7 worlds,
-    ~30k calls, rendered in ~4.5 min), greedy on the 72 test questions:
+    NOT YET IN THE BAND. Greedy on the 72 test questions (``measure_agent_band``), 7 worlds, ~35k episode calls:
 
-    * hidden 128, 2,000 steps (32 min): 97.3% of steps parse, 99.5% of tool calls valid, success 0%;
-    * hidden 192, 1,800 steps (33 min): 97.5% parse, 99.5% valid, success 0% (sampled T=1: 0% of 288);
-    * hidden 192, 3,000 steps (56 min at 1 thread beside a CI run): 95.4% of steps parse, 100% of tool calls valid,
-      80.6% of episodes parse, success 0% (sampled T=1: 1.0% of 288, all total_employees); elevation_feet episodes
-      parse only 39%. More steps alone do not teach copying.
+    * vocab 2,000, one token per digit, completion loss only (the first recipe):
+      hidden 128, 2,000 steps: 97.3% of steps parse, 99.5% of tool calls valid, success 0%;
+      hidden 192, 1,800 steps: 97.5% parse, 99.5% valid, success 0% (sampled T=1: 0% of 288);
+      hidden 192, 3,000 steps: 95.4% parse, 100% valid, success 0% (sampled 1.0%). More steps alone do not copy.
+    * + ``prompt_loss_weight=0.5`` (hidden 192, 2,400 steps, 26 min on 2 idle cores): 98.1% parse, 100% valid,
+      success 1.4%; numbers are now copied from observations into thoughts and expressions, names still are not.
+    * + 12,000 copy drills (same size): 0.48 s/step; the model repeats only 6 of 60 fresh drills exactly.
+    * + vocab 4,000, digit runs as BPE tokens, 6 heads (this recipe; 2,400 steps, 23 min + 3.5 min rendering):
+      98.1% parse, 99.4% valid, **success 5.6%** (elevation_feet 17%, founding_gap 6%, the others 0%; sampled
+      2.1%); numbers copy (``1037``, ``2011 + 1954``), but unseen names come out as plausible inventions
+      ("Wabroth Zakrai" -> "Wabroth Zakru"), so ``lookup`` finds another entity; 0 of 60 drills repeat exactly.
 
-    Format, tool choice per kind and the teacher's step structure are learned; *copying* is not yet: names of unseen
-    entities come out fuzzy ("Wabroth Zakrai" -> "Wabroth Zabro") and numbers are invented rather than copied from
-    the observation. The issue's probe found one-hop copying only at 3,000 steps (hidden 192), and its test
-    entities were partly seen in training; here no warm-start episode looks up a held-out entity, so copying must
-    generalise. Next: a copy-heavy curriculum (episodes whose answer is a copied number, names repeated across
-    steps), before tuning ``TeacherRecipe.p_right``.
+    So format, tool choice and number copying are learned; copying an unseen multi-token name is what keeps
+    success low. The issue's probe reached 25% with test entities partly seen in training; here no warm-start
+    episode looks up a held-out entity, so name copying must generalise. Next to try: a wider/deeper model or more
+    steps within the 30-minute build (the drills alone show whether this size can learn to copy at all).
     """
-    return TinyModelRecipe(vocab_size=2000, hidden_size=192, intermediate_size=384, num_layers=4, num_heads=4,
-                           num_kv_heads=2, max_positions=1024, steps=1800, batch_size=32, lr=3e-3, warmup_steps=50,
-                           seed=seed)
+    return TinyModelRecipe(vocab_size=4000, hidden_size=192, intermediate_size=384, num_layers=4, num_heads=6,
+                           num_kv_heads=3, max_positions=1024, steps=2400, batch_size=32, lr=3e-3, warmup_steps=50,
+                           prompt_loss_weight=0.5, individual_digits=False, seed=seed)
 
 
 def _recipe(seed: int) -> tuple[TinyModelRecipe, TeacherRecipe, dict]:

@@ -61,6 +61,12 @@ class TinyModelRecipe:
     warmup_steps: int = 20
     weight_decay: float = 0.01
     seed: int = 0
+    prompt_loss_weight: float = 0.0  # > 0: prompt tokens are targets too, at this weight (see build_tiny_model)
+    individual_digits: bool = True  # one token per digit (arithmetic); False: digit runs are BPE'd (copying numbers)
+
+
+# Fields added after models were shipped: left out of the key at these defaults, so older recipes keep their key.
+_LATER_FIELDS = {"prompt_loss_weight": 0.0, "individual_digits": True}
 
 
 def cache_root() -> Path:
@@ -78,22 +84,27 @@ def recipe_key(recipe: TinyModelRecipe, extra: dict | None = None) -> str:
     import tokenizers
     import transformers
 
+    fields = {k: v for k, v in asdict(recipe).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
     h = hashlib.sha256()
-    h.update(json.dumps(asdict(recipe), sort_keys=True).encode())
+    h.update(json.dumps(fields, sort_keys=True).encode())
     h.update(json.dumps(extra or {}, sort_keys=True).encode())
     h.update(f"{BUILDER_VERSION}/{dspy.__version__}/{transformers.__version__}/{tokenizers.__version__}".encode())
     h.update(f"{torch.__version__}".encode())
     return h.hexdigest()[:12]
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int):
-    """A byte-level BPE with individual digits, trained on the rendered corpus."""
+def train_tokenizer(texts: Sequence[str], vocab_size: int, individual_digits: bool = True):
+    """A byte-level BPE trained on the rendered corpus; digits never merge with other characters.
+
+    ``individual_digits``: one token per digit (the last-digit model reasons over digits); ``False`` lets a run of
+    digits merge into longer tokens (``1955``), so a model that copies numbers copies fewer, rarer tokens.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [pre_tokenizers.Digits(individual_digits=individual_digits), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -161,7 +172,13 @@ def build_tiny_model(
         conversations: chat message lists; the last message of each is the assistant target.
         out_dir: destination folder; written to a temporary sibling first, then renamed into place.
         recipe: model size and optimisation settings.
-        progress: optional ``progress(step, total_steps, loss)`` callback.
+        progress: optional ``progress(step, total_steps, loss)`` callback; ``loss`` is the mean over the
+            completion tokens (the assistant target) whatever ``recipe.prompt_loss_weight`` is.
+
+    ``recipe.prompt_loss_weight`` > 0 makes the prompt tokens targets too, at that weight relative to the
+    completion. Why: an agent's prompt holds its own earlier steps, which copy names and numbers from the question
+    and the observations; predicting them is more copying signal per step than the completion alone gives (the
+    agent model did not learn to copy from its completions only).
 
     Returns:
         The path of the saved model folder.
@@ -175,7 +192,7 @@ def build_tiny_model(
     generator = torch.Generator().manual_seed(recipe.seed)
 
     texts = [f"{m['role']}\n{m['content']}" for conv in conversations for m in conv]  # as the template joins them
-    tokenizer = train_tokenizer(texts, recipe.vocab_size)
+    tokenizer = train_tokenizer(texts, recipe.vocab_size, recipe.individual_digits)
     encoded = [_encode(tokenizer, conv) for conv in conversations]
 
     config = LlamaConfig(
@@ -217,9 +234,13 @@ def build_tiny_model(
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, len(p) : len(ids)] = torch.tensor(c)
             mask[row, : len(ids)] = 1
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        loss = loss.detach()
+        if recipe.prompt_loss_weight:
+            loss, objective = _losses(model(input_ids=input_ids, attention_mask=mask).logits, input_ids, labels,
+                                      mask, recipe.prompt_loss_weight)
+        else:  # transformers' own loss, exactly as the shipped tiny model was built
+            objective = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss = objective.detach()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -233,6 +254,20 @@ def build_tiny_model(
         tokenizer.save_pretrained(tmp)
         _check_tokenizer_round_trip(tokenizer, tmp, conversations[:50])
     return out_dir
+
+
+def _losses(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+            prompt_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean completion loss, the training objective): completion tokens at weight 1, prompt tokens at
+    ``prompt_weight``, padding at 0; the objective is the weighted mean."""
+    logits, targets = logits[:, :-1].float(), input_ids[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                   reduction="none").view_as(targets)
+    completion = (labels[:, 1:] != -100).float()
+    weight = completion + prompt_weight * (mask[:, 1:].float() - completion)
+    completion_loss = (token_loss * completion).sum() / completion.sum()
+    objective = (token_loss * weight).sum() / weight.sum()
+    return completion_loss.detach(), objective
 
 
 def build_dir(name: str, recipe: TinyModelRecipe = TinyModelRecipe(), extra_key: dict | None = None) -> Path:

@@ -49,7 +49,8 @@ class World:
     tools: list[dict]
 
 
-def _word(rng: random.Random, syllables: int) -> str:
+def invented_word(rng: random.Random, syllables: int) -> str:
+    """One invented capitalised word of ``syllables`` syllables, as every name of a world is made."""
     parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)]
     return ("".join(parts) + rng.choice(_CODAS)).capitalize()
 
@@ -58,7 +59,7 @@ def _names(rng: random.Random, n: int, syllables: tuple[int, int], used: set[str
     """``n`` invented words, unique across the whole world (so each name is a precise BM25 query)."""
     out = []
     while len(out) < n:
-        name = _word(rng, rng.randint(*syllables)) + suffix
+        name = invented_word(rng, rng.randint(*syllables)) + suffix
         if name.lower() not in used and len(name) >= 4:
             used.add(name.lower())
             out.append(name)

@@ -38,6 +38,8 @@ def test_build_is_deterministic_and_cached(corpus, tmp_path, monkeypatch):
 def test_changed_recipe_or_data_description_changes_the_key():
     key = recipe_key(SMALL, {"examples": 64})
     assert recipe_key(SMALL, {"examples": 64}) == key
+    assert recipe_key(dataclasses.replace(SMALL, prompt_loss_weight=0.5), {"examples": 64}) != key
+    assert recipe_key(dataclasses.replace(SMALL, individual_digits=False), {"examples": 64}) != key
     assert recipe_key(dataclasses.replace(SMALL, steps=4), {"examples": 64}) != key
     assert recipe_key(SMALL, {"examples": 63}) != key
     assert recipe_key(SMALL, {"examples": 64, "noise": 0.5}) != key
@@ -74,3 +76,28 @@ def test_empty_corpus_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="at least one conversation"):
         build_tiny_model([], tmp_path / "x", SMALL)
+
+
+def test_prompt_loss_weight_adds_prompt_tokens_to_the_objective_and_reports_the_completion_loss():
+    """At weight 0 the objective is transformers' own completion-only loss; above it, prompt tokens count too."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rl.tiny_model import _losses
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(1, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding
+    labels = torch.full_like(ids, -100)
+    labels[:, 5:7] = ids[:, 5:7]  # the completion
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    completion, objective = _losses(out.logits, ids, labels, mask, 0.0)
+    assert torch.allclose(objective, out.loss) and torch.allclose(completion, out.loss)
+    completion, objective = _losses(out.logits, ids, labels, mask, 0.5)
+    assert torch.allclose(completion, out.loss) and not torch.allclose(objective, out.loss)
+    full = ids.masked_fill(mask == 0, -100)
+    everything = model(input_ids=ids, attention_mask=mask, labels=full).loss  # every real token at weight 1
+    assert torch.allclose(_losses(out.logits, ids, labels, mask, 1.0)[1], everything)
