@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -246,8 +247,6 @@ def copy_drills(n: int, seed: int = 0) -> list[list[dict]]:
     brings from its pretraining text, the drills teach it in a format of their own (their own system message),
     over names made as the worlds make theirs (never a held-out entity: fresh random words).
     """
-    import random
-
     rng = random.Random(f"agent-copy/{seed}")
     suffixes = ["", "", " Works", " Group", " Trading", " Labs"]
     out = []
@@ -268,8 +267,6 @@ def copy_drills(n: int, seed: int = 0) -> list[list[dict]]:
 def warmstart_episodes(recipe: TeacherRecipe = TeacherRecipe(), seed: int = 0) -> list[list[dict]]:
     """The warm-start corpus in a seeded order: every LM call of the teacher's episodes in
     :func:`warmstart_worlds`, and :func:`copy_drills`."""
-    import random
-
     calls = [call for rows, retriever in warmstart_worlds(recipe) for call in render_episodes(rows, retriever, recipe)]
     calls += copy_drills(recipe.copy_drills, seed)
     random.Random(f"agent-warmstart/{seed}").shuffle(calls)
