@@ -16,6 +16,9 @@ How it is built (the recipe; :func:`agent_model_path` with ``from_recipe=True`` 
   so a model memorises them); the teacher also plays in fresh worlds of :mod:`programs.tasks.world` (other seeds,
   their own corpus behind the same ``lookup`` tool). No warm-start episode looks up an entity that a val or test
   question of the shipped world looks up, so held-out questions stay unseen.
+* **Copying first.** The first steps train on short "repeat this" drills over invented names and numbers alone
+  (:func:`copy_drills`), then on everything: an agent copies unseen names into ``lookup`` and numbers into its
+  expressions, and that skill formed only this way (see :func:`model_recipe`).
 * **An imperfect teacher.** Like a weaker model, the teacher makes one systematic mistake per question kind, on a
   fraction of the questions chosen by a hash of the question (never by a prompt feature such as demos or the
   instruction): it forgets the unit conversion (``elevation_feet``), swaps the operands of the subtraction
@@ -53,7 +56,7 @@ from rl.tiny_model import TinyModelRecipe, build_dir, build_or_load
 AGENT_NAME = "agent-react-tools"
 SHIPPED_DIR = Path(__file__).parent / "weights" / AGENT_NAME
 SHIPPED_SEED = 0
-WARMSTART_VERSION = 2  # bump when the teacher or the episode renderer changes what it produces
+WARMSTART_VERSION = 3  # bump when the teacher or the episode renderer changes what it produces
 
 
 # --- the imperfect teacher ---------------------------------------------------------------------------------------
@@ -65,7 +68,7 @@ class TeacherRecipe:
     p_right: dict[str, float] = field(default_factory=lambda: {
         "elevation_feet": 0.75, "total_employees": 0.65, "founding_gap": 0.3, "founding_age": 0.3})
     worlds: int = 6  # extra generated worlds (seeds 1..worlds) besides the shipped one
-    copy_drills: int = 12000  # short "repeat this" conversations over invented names and numbers (see copy_drills)
+    copy_drills: int = 12000  # "repeat this" conversations over invented names and numbers: the build's curriculum
     max_iters: int = react_tools.DEFAULT_MAX_ITERS
 
 
@@ -266,9 +269,8 @@ def copy_drills(n: int, seed: int = 0) -> list[list[dict]]:
 
 def warmstart_episodes(recipe: TeacherRecipe = TeacherRecipe(), seed: int = 0) -> list[list[dict]]:
     """The warm-start corpus in a seeded order: every LM call of the teacher's episodes in
-    :func:`warmstart_worlds`, and :func:`copy_drills`."""
+    :func:`warmstart_worlds` (the :func:`copy_drills` come first, as the build's curriculum)."""
     calls = [call for rows, retriever in warmstart_worlds(recipe) for call in render_episodes(rows, retriever, recipe)]
-    calls += copy_drills(recipe.copy_drills, seed)
     random.Random(f"agent-warmstart/{seed}").shuffle(calls)
     return calls
 
@@ -278,35 +280,32 @@ def warmstart_episodes(recipe: TeacherRecipe = TeacherRecipe(), seed: int = 0) -
 def model_recipe(seed: int = SHIPPED_SEED) -> TinyModelRecipe:
     """The agent model's size and warm-start settings.
 
-    NOT YET IN THE BAND. Greedy on the 72 test questions (``measure_agent_band``), 7 worlds, ~35k episode calls:
+    Measured greedy on the 72 test questions (``measure_agent_band``; 7 worlds, ~35k episode calls, 12,000 copy
+    drills). **This recipe** (2,400 steps, the first 500 on the copy drills alone; 17 min on 2 idle cores, rendering
+    included): 99.4% of steps parse, 100% of tool calls valid, **success 45.8%**: elevation_feet 94%,
+    total_employees 89%, founding_age 0%, founding_gap 0% (the two kinds where the teacher is right 30% of the time;
+    greedy follows its mistake). Sampled at T=1: 25.7%, founding_age 12%, founding_gap 3%.
 
-    * vocab 2,000, one token per digit, completion loss only (the first recipe):
-      hidden 128, 2,000 steps: 97.3% of steps parse, 99.5% of tool calls valid, success 0%;
-      hidden 192, 1,800 steps: 97.5% parse, 99.5% valid, success 0% (sampled T=1: 0% of 288);
-      hidden 192, 3,000 steps: 95.4% parse, 100% valid, success 0% (sampled 1.0%). More steps alone do not copy.
-    * + ``prompt_loss_weight=0.5`` (hidden 192, 2,400 steps, 26 min on 2 idle cores): 98.1% parse, 100% valid,
-      success 1.4%; numbers are now copied from observations into thoughts and expressions, names still are not.
-    * + 12,000 copy drills (same size): 0.48 s/step; the model repeats only 6 of 60 fresh drills exactly.
-    * + vocab 4,000, digit runs as BPE tokens, 6 heads (lr 3e-3, prompt_loss_weight 0.5; 2,400 steps, 23 min +
-      3.5 min rendering): 98.1% parse, 99.4% valid, success 5.6% (elevation_feet 17%, founding_gap 6%; sampled 2.1%);
-      numbers copy (``1037``, ``2011 + 1954``), unseen names come out as plausible inventions ("Wabroth Zakrai" ->
-      "Wabroth Zakru"), so ``lookup`` finds another entity; 0 of 60 fresh drills repeat exactly.
-    * this recipe, lr 1e-3 and no prompt loss (2,400 steps; 35 min beside a CI run, ~22 min alone): 97.4% parse,
-      99.4% valid, **success 9.7%** (elevation_feet 33%, founding_gap 6%, the others 0%; sampled 0.3%); drills 0/60.
+    Why a curriculum (``first_steps``): the same corpus at 1,200 steps, 1 thread each, side by side:
+    drills first for 400 steps, then everything: success 20.8%, 17 of 30 fresh drills repeated exactly; drills mixed
+    in from the start: 0.0%, 0 of 30. Copying an unseen multi-token name forms on the drills and carries over to
+    the episodes; mixed in from the start it never formed, and the model wrote plausible inventions instead
+    ("Wabroth Zakrai" -> "Wabroth Zakru"), so ``lookup`` found another entity.
 
-    Why lr 1e-3 and no prompt loss: builds on the drills alone (2-4 layers, hidden 128, 800 steps) copy at lr 1e-3
-    (completion loss 0.6-1.0 nats/token) but not at 3e-3 (1.8-2.4) nor with prompt loss on the drills' random text
-    (2.9-3.0); the agent-size model at 3e-3 with prompt loss stayed at 4.2 after 1,500 drill-only steps.
+    Earlier builds, all without the curriculum (same measurement):
 
-    So format, tool choice and number copying are learned; copying an unseen multi-token name is what keeps
-    success low (the issue's probe reached 25% with test entities partly seen in training; here none is). Next to
-    try: a tokenizer whose pieces are the worlds' syllables (onset + vowel + coda, see ``programs.tasks.world``), so
-    every name splits the same way wherever it appears and in 2-4 pieces; then more steps or width within the
-    30-minute build.
+    * vocab 2,000, one token per digit, completion loss only: hidden 128 or 192, 1,800-3,000 steps: 95-98% parse,
+      99.5-100% valid, success 0%.
+    * + ``prompt_loss_weight=0.5`` (hidden 192, 2,400 steps): success 1.4%; numbers copy, names do not.
+    * + vocab 4,000, digit runs as BPE tokens, 6 heads, copy drills mixed in (lr 3e-3): success 5.6%.
+    * the same at lr 1e-3, no prompt loss: 9.7% (elevation_feet 33%, founding_gap 6%); drills 0/60.
+    * drill-only probes (hidden 128, 800 steps): copying forms at lr 1e-3 (completion loss 0.6-1.0), not at 3e-3
+      (1.8-2.4) nor with prompt loss on the drills' random text (2.9-3.0); a tokenizer that isolates capitalised
+      words never formed it (loss 3.0, 0 of 60 drills).
     """
     return TinyModelRecipe(vocab_size=4000, hidden_size=192, intermediate_size=384, num_layers=4, num_heads=6,
                            num_kv_heads=3, max_positions=1024, steps=2400, batch_size=32, lr=1e-3, warmup_steps=50,
-                           individual_digits=False, seed=seed)
+                           individual_digits=False, first_steps=500, seed=seed)
 
 
 def _recipe(seed: int) -> tuple[TinyModelRecipe, TeacherRecipe, dict]:
@@ -323,7 +322,7 @@ def agent_model_path(seed: int = SHIPPED_SEED, progress: Callable[[int, int, flo
         return shipped_agent_model_path()
     recipe, teacher, key = _recipe(seed)
     return build_or_load(AGENT_NAME, lambda: warmstart_episodes(teacher, seed=seed), recipe=recipe, extra_key=key,
-                         progress=progress, force=force)
+                         progress=progress, force=force, first_fn=lambda: copy_drills(teacher.copy_drills, seed))
 
 
 def shipped_agent_model_path() -> Path:

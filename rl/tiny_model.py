@@ -63,10 +63,11 @@ class TinyModelRecipe:
     seed: int = 0
     prompt_loss_weight: float = 0.0  # > 0: prompt tokens are targets too, at this weight (see build_tiny_model)
     individual_digits: bool = True  # one token per digit (arithmetic); False: digit runs are BPE'd (copying numbers)
+    first_steps: int = 0  # steps on the ``first`` conversations alone before the whole corpus (see build_tiny_model)
 
 
 # Fields added after models were shipped: left out of the key at these defaults, so older recipes keep their key.
-_LATER_FIELDS = {"prompt_loss_weight": 0.0, "individual_digits": True}
+_LATER_FIELDS = {"prompt_loss_weight": 0.0, "individual_digits": True, "first_steps": 0}
 
 
 def cache_root() -> Path:
@@ -165,6 +166,7 @@ def build_tiny_model(
     out_dir: str | Path,
     recipe: TinyModelRecipe = TinyModelRecipe(),
     progress: Callable[[int, int, float], None] | None = None,
+    first: Sequence[Sequence[dict]] = (),
 ) -> Path:
     """Train tokenizer + model on ``conversations`` and save an HF folder at ``out_dir`` atomically.
 
@@ -174,6 +176,10 @@ def build_tiny_model(
         recipe: model size and optimisation settings.
         progress: optional ``progress(step, total_steps, loss)`` callback; ``loss`` is the mean over the
             completion tokens (the assistant target) whatever ``recipe.prompt_loss_weight`` is.
+        first: a curriculum: the first ``recipe.first_steps`` steps train on these alone, the rest on them and
+            ``conversations`` together. Why: a skill the corpus needs but rarely rewards on its own, such as copying
+            an unseen name, forms on short drills and then carries over; mixed in from the start it never formed
+            (measured on the agent model, :func:`embedded.agent.model_recipe`).
 
     ``recipe.prompt_loss_weight`` > 0 makes the prompt tokens targets too, at that weight relative to the
     completion. Why: an agent's prompt holds its own earlier steps, which copy names and numbers from the question
@@ -188,13 +194,17 @@ def build_tiny_model(
 
     if not conversations:
         raise ValueError("build_tiny_model needs at least one conversation")
+    if recipe.first_steps and not first:
+        raise ValueError(f"the recipe trains {recipe.first_steps} steps on the `first` conversations; none was given")
     out_dir = Path(out_dir)
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
 
+    conversations = [*conversations, *first]
     texts = [f"{m['role']}\n{m['content']}" for conv in conversations for m in conv]  # as the template joins them
     tokenizer = train_tokenizer(texts, recipe.vocab_size, recipe.individual_digits)
     encoded = [_encode(tokenizer, conv) for conv in conversations]
+    curriculum = list(range(len(conversations) - len(first), len(conversations)))  # indices of `first`
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -221,10 +231,15 @@ def build_tiny_model(
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    lengths = [len(p) + len(c) for p, c in encoded]
     batches: list[list[int]] = []
     for step in range(recipe.steps):
+        if step == recipe.first_steps:
+            batches = []  # the curriculum is over: whole-corpus epochs from here
         if not batches:
-            batches = _length_bucketed_batches([len(p) + len(c) for p, c in encoded], recipe.batch_size, generator)
+            pool = curriculum if step < recipe.first_steps else range(len(encoded))
+            batches = [[pool[i] for i in b] for b in _length_bucketed_batches(
+                [lengths[i] for i in pool], recipe.batch_size, generator)]
         batch = [encoded[i] for i in batches.pop()]
         width = max(len(p) + len(c) for p, c in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -283,11 +298,13 @@ def build_or_load(
     extra_key: dict | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     force: bool = False,
+    first_fn: Callable[[], Sequence[Sequence[dict]]] | None = None,
 ) -> Path:
     """Return the cached model folder for this recipe, building it first if needed.
 
     The folder is ``cache_root()/models/<name>-<hash of recipe and extra_key>``; a ``build_info.json`` records
-    the recipe, the build time and the key. ``conversations_fn`` runs only when a build is needed. A file lock keeps two processes from building the same model at once.
+    the recipe, the build time and the key. ``conversations_fn`` (and ``first_fn``, the curriculum of
+    :func:`build_tiny_model`) run only when a build is needed. A file lock keeps two processes from building the same model at once.
     """
     out = build_dir(name, recipe, extra_key)
     key = out.name.rsplit("-", 1)[1]
@@ -305,9 +322,10 @@ def build_or_load(
                 return out
             start = time.time()
             conversations = conversations_fn()
-            build_tiny_model(conversations, out, recipe, progress)
+            first = first_fn() if first_fn is not None else ()
+            build_tiny_model(conversations, out, recipe, progress, first)
             info = {"name": name, "key": key, "recipe": asdict(recipe), "extra": extra_key or {},
-                    "seconds": round(time.time() - start, 1), "examples": len(conversations)}
+                    "seconds": round(time.time() - start, 1), "examples": len(conversations) + len(first)}
             tmp = info_path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(info, indent=2))
             os.replace(tmp, info_path)

@@ -40,6 +40,7 @@ def test_changed_recipe_or_data_description_changes_the_key():
     assert recipe_key(SMALL, {"examples": 64}) == key
     assert recipe_key(dataclasses.replace(SMALL, prompt_loss_weight=0.5), {"examples": 64}) != key
     assert recipe_key(dataclasses.replace(SMALL, individual_digits=False), {"examples": 64}) != key
+    assert recipe_key(dataclasses.replace(SMALL, first_steps=2), {"examples": 64}) != key
     assert recipe_key(dataclasses.replace(SMALL, steps=4), {"examples": 64}) != key
     assert recipe_key(SMALL, {"examples": 63}) != key
     assert recipe_key(SMALL, {"examples": 64, "noise": 0.5}) != key
@@ -101,3 +102,23 @@ def test_prompt_loss_weight_adds_prompt_tokens_to_the_objective_and_reports_the_
     full = ids.masked_fill(mask == 0, -100)
     everything = model(input_ids=ids, attention_mask=mask, labels=full).loss  # every real token at weight 1
     assert torch.allclose(_losses(out.logits, ids, labels, mask, 1.0)[1], everything)
+
+
+def test_a_curriculum_trains_on_the_first_conversations_alone_then_on_everything(corpus, tmp_path, monkeypatch):
+    """``first_steps`` batches come from ``first`` only; the later ones from the whole corpus, ``first`` included."""
+    import rl.tiny_model as tiny_model
+
+    pools = []
+    real = tiny_model._length_bucketed_batches
+
+    def spy(lengths, batch_size, generator):
+        pools.append(len(lengths))
+        return real(lengths, batch_size, generator)
+
+    monkeypatch.setattr(tiny_model, "_length_bucketed_batches", spy)
+    recipe = dataclasses.replace(SMALL, steps=4, first_steps=2, batch_size=4)
+    with pytest.raises(ValueError, match="2 steps on the `first` conversations; none was given"):
+        tiny_model.build_tiny_model(corpus[:32], tmp_path / "x", recipe)
+    first = corpus[32:40]
+    tiny_model.build_tiny_model(corpus[:32], tmp_path / "y", recipe, first=first)
+    assert pools == [8, 40]  # one epoch of `first` (2 batches of 4), then the whole corpus
