@@ -269,7 +269,7 @@ def copy_drills(n: int, seed: int = 0) -> list[list[dict]]:
 
 def warmstart_episodes(recipe: TeacherRecipe = TeacherRecipe(), seed: int = 0) -> list[list[dict]]:
     """The warm-start corpus in a seeded order: every LM call of the teacher's episodes in
-    :func:`warmstart_worlds` (the :func:`copy_drills` come first, as the build's curriculum)."""
+    :func:`warmstart_worlds` (the :func:`copy_drills` are the build's curriculum, passed apart)."""
     calls = [call for rows, retriever in warmstart_worlds(recipe) for call in render_episodes(rows, retriever, recipe)]
     random.Random(f"agent-warmstart/{seed}").shuffle(calls)
     return calls

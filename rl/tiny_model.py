@@ -304,7 +304,8 @@ def build_or_load(
 
     The folder is ``cache_root()/models/<name>-<hash of recipe and extra_key>``; a ``build_info.json`` records
     the recipe, the build time and the key. ``conversations_fn`` (and ``first_fn``, the curriculum of
-    :func:`build_tiny_model`) run only when a build is needed. A file lock keeps two processes from building the same model at once.
+    :func:`build_tiny_model`) run only when a build is needed. A file lock keeps two processes from building the
+    same model at once.
     """
     out = build_dir(name, recipe, extra_key)
     key = out.name.rsplit("-", 1)[1]
