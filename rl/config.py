@@ -278,10 +278,12 @@ class SelfTrainConfig:
     def updater_settings(self) -> UpdaterSettings:
         """The GRPO updater's settings for supervised fine-tuning: every row's advantage is 1 and one pass per batch
         keeps clipping inactive, so TRL's dapo loss is the completions' mean token log-likelihood; temperature 1 in
-        the loss, because the likelihood maximised is the model's own, not the sampler's. The rest (no KL, the
-        default schedule) is the updater's defaults."""
+        the loss, because the likelihood maximised is the model's own, not the sampler's. No importance sampling:
+        the kept runs are targets to imitate, not samples of the policy gradient, and a vLLM sampler's log-probs
+        (at the sampling temperature) against the trainer's (at 1) would down-weight or mask them. The rest (no KL,
+        the default schedule) is the updater's defaults."""
         return UpdaterSettings(learning_rate=self.learning_rate, micro_batch_size=self.micro_batch_size,
-                               seed=self.seed, temperature=1.0, loss_type="dapo")
+                               seed=self.seed, temperature=1.0, loss_type="dapo", importance_sampling="none")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

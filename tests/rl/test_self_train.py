@@ -13,8 +13,16 @@ from rl.self_train import self_train
 def test_self_train_gives_the_updater_what_its_old_stand_in_weight_config_gave():
     config = SelfTrainConfig(learning_rate=3e-4, micro_batch_size=8, seed=5)
     stand_in = WeightStageConfig(num_generations=2, examples_per_step=1, max_rollouts=2, temperature=1.0,
-                                 learning_rate=3e-4, micro_batch_size=8, loss_type="dapo", seed=5)
+                                 learning_rate=3e-4, micro_batch_size=8, loss_type="dapo", seed=5,
+                                 importance_sampling="none")
     assert config.updater_settings() == stand_in.updater_settings()
+
+
+def test_self_train_imitates_its_kept_runs_without_importance_weights():
+    """A vLLM sampler's log-probs at the sampling temperature (0.7) against the trainer's at 1 would mask or
+    down-weight kept successes under TRL's off-policy correction; supervised fine-tuning wants every row whole."""
+    assert SelfTrainConfig(temperature=0.7).updater_settings().importance_sampling == "none"
+    assert WeightStageConfig().updater_settings().importance_sampling == "sequence_mask"  # GRPO keeps the correction
 
 
 @pytest.mark.slow  # ~25 s on 2 cores
