@@ -98,7 +98,7 @@ def _item(trace: Any) -> ReviewItem:
     human, rationale, corrected = None, "", None
     for a in trace.info.assessments:
         source, value = a.source, getattr(a, "value", None)
-        if source.source_type == "CODE" and source.source_id == RUBRIC_SOURCE_ID:
+        if source.source_type in ("CODE", "LLM_JUDGE") and source.source_id == RUBRIC_SOURCE_ID:
             if a.name == TOTAL:
                 total = float(value)
             else:

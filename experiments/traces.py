@@ -2,8 +2,8 @@
 
 Why: rewards and val scores say *how much*; a reviewer needs to see *what*. One trace is one run of the program on
 one example: a span per predictor call (the messages, the completion, token counts) and per tool call (args,
-observation, error), the rubric's total and each component as ``CODE`` feedback, and the example's labels (the gold
-answer) as expectations. MLflow 3 stores traces with their assessments, and its UI (the experiment's Traces page)
+observation, error), the rubric's total and each component as feedback (``LLM_JUDGE`` for an LM judge's component,
+``CODE`` for the rest), and the example's labels (the gold answer) as expectations. MLflow 3 stores traces with their assessments, and its UI (the experiment's Traces page)
 shows them and lets a person add ``HUMAN`` feedback, which ``cotune review`` / ``cotune calibrate`` read back.
 
 Only a sample goes there (a few per stage, :class:`experiments.tracking.MlflowTracking`'s ``traces_per_stage``):
@@ -28,7 +28,7 @@ when they change):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,19 +153,20 @@ def _attach(root: Any, assessments: list) -> None:
         trace.info.assessments.extend(assessments)
 
 
-def _assessments(case: TraceCase, trace_id: str) -> list:
+def _assessments(case: TraceCase, trace_id: str, judges: Collection[str] = ()) -> list:
     from mlflow.entities import AssessmentSource, Expectation, Feedback
 
     rubric = AssessmentSource(source_type="CODE", source_id=RUBRIC_SOURCE_ID)
+    judge = AssessmentSource(source_type="LLM_JUDGE", source_id=RUBRIC_SOURCE_ID)
     data = AssessmentSource(source_type="CODE", source_id=DATA_SOURCE_ID)
     out = [Feedback(name=TOTAL, value=case.total, source=rubric, rationale=case.rationale or None, trace_id=trace_id)]
-    out += [Feedback(name=name, value=float(value), source=rubric, trace_id=trace_id)
+    out += [Feedback(name=name, value=float(value), source=judge if name in judges else rubric, trace_id=trace_id)
             for name, value in case.components.items()]
     out += [Expectation(name=name, value=value, source=data, trace_id=trace_id) for name, value in case.expected.items()]
     return out
 
 
-def _write(case: TraceCase, experiment_id: str, run_id: str | None) -> str:
+def _write(case: TraceCase, experiment_id: str, run_id: str | None, judges: Collection[str]) -> str:
     import mlflow
     from mlflow.entities import SpanType
 
@@ -186,19 +187,21 @@ def _write(case: TraceCase, experiment_id: str, run_id: str | None) -> str:
             if tool["error"]:
                 span.set_attribute("error", tool["error"])
             span.end(outputs={"observation": tool["observation"]}, status="ERROR" if tool["error"] else "OK")
-        _attach(root, _assessments(case, root.trace_id))
+        _attach(root, _assessments(case, root.trace_id, judges))
     finally:
         root.end(outputs=case.outputs)
     return root.trace_id
 
 
-def log_traces(cases: Sequence[TraceCase], experiment_id: str, run_id: str | None = None) -> list[str]:
+def log_traces(cases: Sequence[TraceCase], experiment_id: str, run_id: str | None = None,
+               judges: Collection[str] = ()) -> list[str]:
     """Write ``cases`` as traces in ``experiment_id`` (linked to ``run_id``), with their assessments.
 
-    Each trace carries the rubric's total (``reward``) and every component as ``CODE`` feedback from
-    ``cotune.rubric`` (the total with the rubric's feedback text as rationale), and each label of the example as an
+    Each trace carries the rubric's total (``reward``) and every component as feedback from ``cotune.rubric`` (the
+    total with the rubric's feedback text as rationale): ``LLM_JUDGE`` for the components named in ``judges`` (the
+    rubric's :attr:`metrics.Rubric.judges`), ``CODE`` for the rest; and each label of the example as an
     expectation from ``cotune.dataset``. Returns the trace ids, in order. MLflow writes them on its own export
     thread; ``mlflow.flush_trace_async_logging()`` waits for them. The caller has set the process's tracking URI
     (see the module docstring).
     """
-    return [_write(case, experiment_id, run_id) for case in cases]
+    return [_write(case, experiment_id, run_id, judges) for case in cases]

@@ -333,6 +333,7 @@ class MlflowTracking(OptimizeCallback):
         self.traces_per_stage = traces_per_stage
         self.traces: dict[int, list[str]] = {}  # stage index -> trace ids logged (rollouts, then val predictions)
         self.trace_seconds: dict[int, float] = {}  # stage index -> seconds the stage spent logging them
+        self._judges: tuple[str, ...] = ()  # the rubric's LM-judge components (LLM_JUDGE assessments)
         self._process_uri: str | None = None  # the process's tracking URI before this run set it (traces on)
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -392,6 +393,7 @@ class MlflowTracking(OptimizeCallback):
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         self._started = time.time()
+        self._judges = run.judges
         self.experiment_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
         if self.traces_per_stage:  # traces go to the process's store (experiments/traces.py); put back at the end
             import mlflow
@@ -547,7 +549,8 @@ class MlflowTracking(OptimizeCallback):
         if not cases:
             return
         start = time.perf_counter()
-        ids = self._safe("log traces", log_traces, cases, self.experiment_id, self.stage_runs.get(index) or self.run_id)
+        ids = self._safe("log traces", log_traces, cases, self.experiment_id, self.stage_runs.get(index) or self.run_id,
+                         self._judges)
         self.traces.setdefault(index, []).extend(ids or [])
         self.trace_seconds[index] = self.trace_seconds.get(index, 0.0) + time.perf_counter() - start
 

@@ -209,6 +209,14 @@ class Rubric(PicklableLock):
         return tuple(self._components)
 
     @property
+    def judges(self) -> tuple[str, ...]:
+        """Names of the components that are LM judges (:class:`metrics.judge.LMJudge`), in declaration order:
+        their scores are logged as ``LLM_JUDGE`` assessments, the rest as ``CODE``."""
+        from metrics.judge import LMJudge
+
+        return tuple(n for n, c in self._components.items() if isinstance(c, LMJudge))
+
+    @property
     def components(self) -> dict[str, Any]:
         """``{name: component}`` (a copy)."""
         return dict(self._components)

@@ -243,7 +243,8 @@ def optimize(
     lock = RunLock(root)  # held by rank 0 (which alone writes the folder) until the run ends, however it ends
     done = distributed.on_main(open_run_folder, root, lock, params, stages, resume=resume and temp is None,
                                overwrite=overwrite)
-    run = RunInfo(params=params, output_dir=None if temp else root, stages=stages, arm=params["arm"], seed=seed)
+    run = RunInfo(params=params, output_dir=None if temp else root, stages=stages, arm=params["arm"], seed=seed,
+                  judges=rubric.judges)
     loop = _Loop(rubric=rubric, policy=policy, valset=valset, trainset=trainset, run=run, root=root,
                  callbacks=callbacks, gold=gold,
                  eval_threads=eval_threads, eval_max_tokens=eval_max_tokens,

@@ -42,13 +42,15 @@ BUNDLE_FORMAT = "cotune-bundle/1"
 
 @dataclass
 class RunInfo:
-    """What callbacks learn about a run: its configuration and where it writes."""
+    """What callbacks learn about a run: its configuration, where it writes, and which rubric components are LM
+    judges (``judges``: tracking logs their scores as ``LLM_JUDGE`` assessments)."""
 
     params: dict[str, Any]
     output_dir: Path | None
     stages: tuple[str, ...]
     arm: str
     seed: int
+    judges: tuple[str, ...] = ()
 
 
 @dataclass

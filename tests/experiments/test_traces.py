@@ -97,6 +97,24 @@ def test_tool_calls_become_tool_spans_with_their_errors(tmp_path, request):
     assert _assessments(trace)["tool_validity"][0] == 0.5 and _assessments(trace)["answer"][0] == "1990"
 
 
+def test_an_lm_judge_component_is_an_llm_judge_assessment_and_review_reads_it(tmp_path, request):
+    from experiments.review import fetch_items
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    experiment = MlflowClient(uri).create_experiment("judged", artifact_location=str(tmp_path / "artifacts"))
+    case = TraceCase(name="eval", inputs={"question": "Hi?"}, outputs={"answer": "Hello."}, expected={}, total=0.9,
+                     components={"correct": 1.0, "polite": 0.75}, tags={"cotune.run": "r1", "cotune.example_id": "q1"})
+    (trace_id,) = log_traces([case], experiment, judges=("polite",))
+    mlflow.flush_trace_async_logging(terminate=False)
+    scores = _assessments(mlflow.get_trace(trace_id))
+    assert scores["polite"] == (0.75, "LLM_JUDGE", RUBRIC_SOURCE_ID) and scores["correct"][1] == "CODE"
+    (item,) = fetch_items(MlflowClient(uri), experiment)
+    assert item.components == {"correct": 1.0, "polite": 0.75} and item.total == 0.9
+
+
 def test_mlflow_contract_assessments_on_a_live_trace_are_written_with_it(tmp_path, request):
     """experiments.traces._attach relies on MLflow 3.17 internals (InMemoryTraceManager, the store writing a trace's
     assessments when it exports it). If an MLflow upgrade changes that, this test names it."""

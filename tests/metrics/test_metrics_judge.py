@@ -162,3 +162,10 @@ def test_judge_in_a_rubric_gives_feedback_and_pickles():
     assert score.components == {"polite": 0.0} and "Rude." in score.feedback
     clone = pickle.loads(pickle.dumps(LMJudge("Polite?", cache_path=None)))
     assert clone.criterion == "Polite?" and clone.cache_size == 0
+
+
+def test_a_rubric_names_its_judge_components_so_tracking_logs_them_as_llm_judge():
+    from metrics import ExactMatch
+
+    rubric = Rubric([ExactMatch("answer"), LMJudge("Polite?", lm=scripted(("ok", "1")), name="polite")])
+    assert rubric.judges == ("polite",) and Rubric([ExactMatch("answer")]).judges == ()
