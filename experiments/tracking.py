@@ -573,13 +573,13 @@ class MlflowTracking(OptimizeCallback):
                 "cotune.arm": run.arm, "cotune.seed": run.seed, **more}
 
     def on_rollouts(self, run, index: int, step: int, rollouts, predictor_name) -> None:
-        """Log the first ``traces_per_stage`` rollouts of the stage (different examples where it can)."""
+        """Log the first ``traces_per_stage`` rollouts of a ``w`` or ``s`` stage (different examples where it can)."""
         from experiments.traces import from_rollout, sample_rollouts
 
         left = self.traces_per_stage - len(self.traces.get(index, []))
         if self.run_id is None or left <= 0:
             return
-        tags = self._trace_tags(run, index, "w", **{"cotune.step": step, "cotune.source": "rollout"})
+        tags = self._trace_tags(run, index, run.stages[index - 1], **{"cotune.step": step, "cotune.source": "rollout"})
         self._log_traces(index, [from_rollout(r, predictor_name, tags) for r in sample_rollouts(rollouts, left)])
 
     def on_evaluation(self, run, record, evaluation) -> None:

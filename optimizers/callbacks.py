@@ -37,7 +37,8 @@ class OptimizeCallback:
 
     def on_rollouts(self, run: RunInfo, index: int, step: int, rollouts: Sequence[Rollout],
                     predictor_name: Callable[[Any], str]) -> None:
-        """After each step of a weight stage, with its scored rollouts (rank 0's, under several processes);
+        """After each step of a weight stage, and once after a self-training stage samples (``step`` 0, before it
+        trains), with the scored rollouts (rank 0's, under several processes);
         ``predictor_name`` names a recorded call's ``predictor`` as the program does (``named_predictors()``)."""
 
     def on_evaluation(self, run: RunInfo, record: StageRecord, evaluation: Evaluation) -> None:

@@ -405,8 +405,15 @@ class _Loop:
             if share.rollouts < config.num_samples:
                 return {"steps": 0}, f"skipped: {share.rollouts} rollouts left, one example needs {config.num_samples}"
             config = dataclasses.replace(config, max_rollouts=share.rollouts)
+        name_of = predictor_namer(current)
+
+        def show_rollouts(rollouts) -> None:  # the sampled runs, before training on the kept ones (step 0)
+            if distributed.is_main_process():
+                for cb in self.callbacks:
+                    cb.on_rollouts(self.run, index, 0, rollouts, name_of)
+
         result = self_train(current, self.trainset, self.rubric, self.policy, config, progress=self.progress,
-                            callbacks=[self.step_callback(index)])
+                            callbacks=[self.step_callback(index)], on_rollouts=show_rollouts)
         meter.charge(result.rollouts, result.lm_calls)
         return dataclasses.asdict(result), "" if result.rows else "no successful run to train on; adapter unchanged"
 

@@ -33,7 +33,7 @@ from rl import distributed
 from rl.advantages import Row
 from rl.config import SelfTrainConfig
 from rl.grpo import GRPOUpdater
-from rl.rollouts import run_rollouts
+from rl.rollouts import Rollout, run_rollouts
 from rl.weight_stage import _check_trainset
 
 if TYPE_CHECKING:
@@ -63,9 +63,13 @@ def self_train(
     config: SelfTrainConfig | None = None,
     *,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    on_rollouts: Callable[[Sequence[Rollout]], Any] | None = None,
     progress: bool = True,
 ) -> SelfTrainResult:
     """Sample ``program`` on ``trainset``, keep the runs ``metric`` accepts, and fine-tune on their LM calls.
+
+    ``callbacks`` get each optimizer step's metrics; ``on_rollouts`` gets this rank's scored runs once, after
+    sampling and before training (tracking logs a few as traces).
 
     Raises:
         rl.weight_stage.TrainsetError: empty trainset or examples without inputs.
@@ -82,6 +86,8 @@ def self_train(
     lm = policy.lm(temperature=config.temperature, max_tokens=config.max_tokens, cache=False)
     rollouts = run_rollouts(program, examples, lm, metric, config.num_samples, num_threads=config.num_threads,
                             tag=("self-train", config.seed) + ((distributed.rank(),) if parallel else ()))
+    if on_rollouts is not None:
+        on_rollouts(rollouts)
     kept = [r for r in rollouts if r.error is None and r.reward >= config.success_threshold]
     calls = [(r.example_index, r.reward, tuple(c.prompt_ids), tuple(c.completion_ids), c.finish_reason == "length")
              for r in kept for c in r.calls if c.completion_ids]  # plain data: cheap to send to the other ranks

@@ -66,6 +66,18 @@ def test_traces_off_logs_none(fresh_policy, tmp_path):
     assert MlflowClient(uri).search_traces(locations=[experiment]) == []
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_self_training_stage_logs_its_sampled_runs_as_traces(fresh_policy, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracking(uri, "s-traces", traces_per_stage=2)
+    run(fresh_policy, tmp_path, "s", [tracker], budget=32)
+    experiment = MlflowClient(uri).get_experiment_by_name("s-traces").experiment_id
+    tags = [t.info.tags for t in MlflowClient(uri).search_traces(locations=[experiment])]
+    rollouts = [t for t in tags if t["cotune.source"] == "rollout"]
+    assert len(rollouts) == 2 and {(t["cotune.stage"], t["cotune.step"]) for t in rollouts} == {("1-s", "0")}
+    assert len({t["cotune.example_id"] for t in rollouts}) == 2
+
+
 def test_a_bad_sample_size_is_refused(tmp_path):
     with pytest.raises(TrackingError, match="traces_per_stage must be an int >= 0"):
         MlflowTracking(f"sqlite:///{tmp_path / 'm.db'}", "x", traces_per_stage=-1)
