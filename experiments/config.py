@@ -43,8 +43,11 @@ Note: YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); numeric strings
 (when the file is loaded) and calls the function, and ``vllm.python`` names an executable cotune starts. So both are
 limited (:func:`metrics.references.import_reference`, :func:`_check_vllm_python`): references resolve from installed packages and
 ``$PYTHONPATH`` only, never from the current directory or the standard library; ``vllm.python`` must be the venv
-``scripts/vllm_venv.sh`` builds unless ``allow_custom_python: true`` says otherwise. Still, run only experiment
-files you would run as scripts.
+``scripts/vllm_venv.sh`` builds unless ``allow_custom_python: true`` says otherwise; and ``vllm.extra_args`` and
+``vllm.env``, which can make the server import code (``--trust-remote-code``, ``--middleware``, ``LD_PRELOAD``,
+``PYTHONPATH``...), take only the flags in :data:`SAFE_SERVE_FLAGS` and no variable in :data:`CODE_ENV`, unless
+``allow_unchecked_args: true`` says otherwise (:func:`_check_vllm_args`). Still, run only experiment files you would
+run as scripts.
 
 Arm names become folder names (``<output_dir>/<arm folder>/seed-<k>``, :func:`arm_folder`); names whose folders
 would collide or leave ``output_dir`` (``..``) are refused.
@@ -720,17 +723,54 @@ def _engine(data: dict) -> tuple[str, dict[str, Any]]:
     target = VLLMServer.start if engine == "vllm" else VLLMServer.attach
     allowed = tuple(n for n, p in inspect.signature(target).parameters.items()
                     if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("cls", "url", "model_path")))
-    _no_unknown(vllm, allowed + ("adapter_dir",) + (("allow_custom_python",) if "python" in allowed else ()), ("vllm",))
+    _no_unknown(vllm, allowed + ("adapter_dir", "allow_unchecked_args")
+                + (("allow_custom_python",) if "python" in allowed else ()), ("vllm",))
     vllm = dict(vllm)
-    allow_custom = vllm.pop("allow_custom_python", False)
-    if not isinstance(allow_custom, bool):
-        raise _Problem(("vllm", "allow_custom_python"), f"must be true or false, got {allow_custom!r}")
+    allow_custom, allow_args = vllm.pop("allow_custom_python", False), vllm.pop("allow_unchecked_args", False)
+    for key, flag in (("allow_custom_python", allow_custom), ("allow_unchecked_args", allow_args)):
+        if not isinstance(flag, bool):
+            raise _Problem(("vllm", key), f"must be true or false, got {flag!r}")
+    if not allow_args:
+        _check_vllm_args(vllm)
     if "python" in vllm:
         _check_vllm_python(vllm["python"], allow_custom)
     elif allow_custom:
         raise _Problem(("vllm", "allow_custom_python"), "is set but vllm.python is not; it allows a python other "
                                                         "than the vLLM venv that scripts/vllm_venv.sh builds")
     return engine, vllm
+
+
+# `vllm serve` flags that size or tune the engine and load no code (vLLM 0.32); others (--trust-remote-code,
+# --middleware, --tool-parser-plugin, --logits-processors, ...) can import a module or run a model's own code
+SAFE_SERVE_FLAGS = frozenset({
+    "--tensor-parallel-size", "--pipeline-parallel-size", "--data-parallel-size", "--gpu-memory-utilization",
+    "--max-num-seqs", "--max-num-batched-tokens", "--swap-space", "--block-size", "--quantization", "--kv-cache-dtype",
+    "--max-cpu-loras", "--cpu-offload-gb", "--enable-prefix-caching", "--no-enable-prefix-caching", "--max-logprobs",
+    "--disable-log-requests", "--disable-log-stats", "--uvicorn-log-level", "--max-seq-len-to-capture",
+    "-tp", "-pp", "-dp",
+})
+# environment variables that make a process load code or libraries it was not given
+CODE_ENV = re.compile(r"LD_\w+|DYLD_\w+|PYTHON(PATH|STARTUP|HOME|USERBASE|INSPECT|BREAKPOINT|EXECUTABLE)|BASH_ENV|ENV|"
+                      r"VLLM_PLUGINS|VLLM_\w*(PLUGIN|MODULE|CLASS)\w*")
+
+
+def _check_vllm_args(vllm: dict[str, Any]) -> None:
+    """``extra_args`` and ``env`` cannot make the server run code a shared file names, unless allowed."""
+    hint = "; the server could import code through it, so that needs `allow_unchecked_args: true` beside it"
+    args = vllm.get("extra_args", ())
+    if not isinstance(args, (list, tuple)) or not all(isinstance(a, str) for a in args):
+        raise _Problem(("vllm", "extra_args"), f"must be a list of strings, got {_kind(args)}")
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if re.match(r"--?[A-Za-z]", flag) and flag not in SAFE_SERVE_FLAGS:  # a flag, not a value such as -1
+            raise _Problem(("vllm", "extra_args"), f"{flag!r} is not one of the checked vLLM flags "
+                                                   f"({', '.join(sorted(SAFE_SERVE_FLAGS))}){hint}")
+    env = vllm.get("env") or {}
+    if not isinstance(env, dict):
+        raise _Problem(("vllm", "env"), f"must be a mapping of environment variables, got {_kind(env)}")
+    for name in env:
+        if CODE_ENV.fullmatch(str(name)):
+            raise _Problem(("vllm", "env", name), f"{name} makes a process load code or libraries{hint}")
 
 
 def _check_vllm_python(python: Any, allow_custom: bool) -> None:

@@ -223,6 +223,24 @@ def test_vllm_python_must_be_the_venv_cotune_builds(tmp_path, capsys, monkeypatc
         parse_experiment(base + "vllm: {allow_custom_python: true}\n")
 
 
+@pytest.mark.parametrize(("vllm", "named"), [
+    ("{extra_args: ['--trust-remote-code']}", "'--trust-remote-code' is not one of the checked vLLM flags"),
+    ("{extra_args: ['--middleware=evil.mod:App']}", "'--middleware' is not one of the checked vLLM flags"),
+    ("{env: {LD_PRELOAD: /tmp/x.so}}", "vllm.env.LD_PRELOAD: LD_PRELOAD makes a process load code"),
+    ("{env: {PYTHONPATH: /tmp/evil}}", "vllm.env.PYTHONPATH: PYTHONPATH makes a process load code"),
+])
+def test_vllm_args_and_env_that_load_code_need_an_explicit_flag(vllm, named):
+    base = "name: x\ntask: last_digit_long\narms: {p: p}\nengine: vllm\n"
+    with pytest.raises(ConfigError, match="allow_unchecked_args: true") as caught:
+        parse_experiment(base + f"vllm: {vllm}\n")
+    assert named in str(caught.value)
+    allowed = parse_experiment(base + f"vllm: {vllm[:-1]}, allow_unchecked_args: true}}\n").vllm
+    assert "allow_unchecked_args" not in allowed and ("extra_args" in allowed or "env" in allowed)
+    sizing = parse_experiment(base + "vllm: {extra_args: ['--tensor-parallel-size', '2', '--max-num-seqs=64'], "
+                                     "env: {CUDA_VISIBLE_DEVICES: '1', VLLM_CPU_KVCACHE_SPACE: '4'}}\n").vllm
+    assert sizing["extra_args"] == ["--tensor-parallel-size", "2", "--max-num-seqs=64"]
+
+
 def test_a_folder_of_other_files_is_refused_even_with_overwrite(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "runs" / "rel" / "rl-only" / "seed-0"
