@@ -49,6 +49,7 @@ class RunRow:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (rollouts spent, val score)
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    test_gold: float | None = None  # the task's gold metric on the test split (``gold: true``), e.g. task success
 
 
 @dataclass
@@ -64,6 +65,8 @@ class ArmSummary:
     lm_calls: float
     minutes: float
     identical_seeds: bool = False  # every seed returned the same program: the CI is not evidence of anything
+    test_gold_mean: float | None = None
+    test_gold_ci: float | None = None
 
     @property
     def final_mean(self) -> float:
@@ -150,7 +153,7 @@ def fetch_runs(tracking_uri: str, experiment: str) -> list[RunRow]:
                            start_time=run.info.start_time, final_val=m.get("final_val_score"),
                            last_val=m.get("last_val_score"), test=m.get("test_score"), rollouts=m.get("total_rollouts"),
                            lm_calls=m.get("total_lm_calls"), seconds=m.get("wall_seconds"), curve=curve,
-                           params=dict(run.data.params), tags=dict(tags)))
+                           params=dict(run.data.params), tags=dict(tags), test_gold=m.get("test_gold_score")))
     return rows
 
 
@@ -165,13 +168,15 @@ def summarize(rows: Sequence[RunRow], arm_order: Sequence[str] | None = None) ->
         group = by_arm[arm]
         vals = [r.final_val for r in group if r.final_val is not None]
         tests = [r.test for r in group if r.test is not None]
+        golds = [r.test_gold for r in group if r.test_gold is not None]
         out.append(ArmSummary(
             arm=arm, schedule=group[0].schedule, n=len(group), val_mean=_mean(vals), val_ci=ci95(vals),
             test_mean=_mean(tests) if tests else None, test_ci=ci95(tests) if tests else None,
             rollouts=_mean([r.rollouts for r in group if r.rollouts is not None]),
             lm_calls=_mean([r.lm_calls for r in group if r.lm_calls is not None]),
             minutes=_mean([r.seconds / 60 for r in group if r.seconds is not None]),
-            identical_seeds=identical_programs(group)))
+            identical_seeds=identical_programs(group),
+            test_gold_mean=_mean(golds) if golds else None, test_gold_ci=ci95(golds) if golds else None))
     return out
 
 
@@ -193,13 +198,15 @@ def _pm(mean: float | None, ci: float | None) -> str:
 def format_table(arms: Sequence[ArmSummary]) -> str:
     """The per-arm table as Markdown (readable as plain text too)."""
     has_test = any(a.test_mean is not None for a in arms)
+    has_gold = any(a.test_gold_mean is not None for a in arms)
     header = ["arm", "schedule", "seeds", "val (best stage)"] + (["test (held out)"] if has_test else []) + \
-        ["rollouts", "LM calls", "min/run"]
+        (["test gold (held out)"] if has_gold else []) + ["rollouts", "LM calls", "min/run"]
     lines = [header]
     for a in arms:
         lines.append([a.arm, a.schedule, f"{a.n} (identical!)" if a.identical_seeds else str(a.n),
                       _pm(a.val_mean, a.val_ci)]
                      + ([_pm(a.test_mean, a.test_ci)] if has_test else [])
+                     + ([_pm(a.test_gold_mean, a.test_gold_ci)] if has_gold else [])
                      + [f"{a.rollouts:.0f}", f"{a.lm_calls:.0f}", f"{a.minutes:.1f}"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
 
@@ -326,7 +333,9 @@ def _markdown(experiment: str, uri: str, arms: list[ArmSummary], rows: list[RunR
         "## Final scores (mean ± 95% CI over seeds, Student's t)", "", table, "",
         "`val (best stage)` is the val score of the stage `optimize()` returned; the val split also picks prompt "
         "candidates and the best stage, so it is optimistic. `test (held out)` scores the same program on examples "
-        "no stage saw.", "",
+        "no stage saw" + ("; `test gold (held out)` is the task's gold metric on them (`gold: true`), scored "
+                          "alongside and never optimized." if any(a.test_gold_mean is not None for a in arms) else "."),
+        "",
     ]
     same = [a.arm for a in arms if a.identical_seeds]
     if same:
@@ -335,13 +344,15 @@ def _markdown(experiment: str, uri: str, arms: list[ArmSummary], rows: list[RunR
                   "Give the arm more room to differ (a larger trainset, more candidates) or read it as one run.", ""]
     for plot in plots:
         lines += [f"![{plot.stem}]({plot.name})", ""]
-    lines += ["## Runs", "", "| arm | seed | val by stage (rollouts: score) | best val | test | rollouts | run id |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Runs", "", "| arm | seed | val by stage (rollouts: score) | best val | test | test gold | rollouts "
+              "| run id |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: ([a.arm for a in arms].index(r.arm), r.seed)):
         curve = ", ".join(f"{x}: {y:.2f}" for x, y in r.curve)
         test = f"{r.test:.3f}" if r.test is not None else "-"
+        gold = f"{r.test_gold:.3f}" if r.test_gold is not None else "-"
         best = f"{r.final_val:.3f}" if r.final_val is not None else "-"
-        lines.append(f"| {r.arm} | {r.seed} | {curve} | {best} | {test} | {r.rollouts or 0:.0f} | `{r.run_id}` |")
+        lines.append(f"| {r.arm} | {r.seed} | {curve} | {best} | {test} | {gold} | {r.rollouts or 0:.0f} "
+                     f"| `{r.run_id}` |")
     return "\n".join(lines) + "\n"
 
 

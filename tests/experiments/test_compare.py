@@ -13,7 +13,7 @@ from experiments.compare import CompareError, ci95, compare, format_table, summa
 from experiments.tracking import KIND_TAG, PROGRAM_HASH_TAG
 
 
-def log_run(client, experiment_id, arm, schedule, seed, curve, test, status="FINISHED", kind="run"):
+def log_run(client, experiment_id, arm, schedule, seed, curve, test, status="FINISHED", kind="run", gold=None):
     run = client.create_run(experiment_id, run_name=f"{arm}-seed{seed}",
                             tags={KIND_TAG: kind, "arm": arm, "schedule": schedule, "seed": str(seed), "task": "toy"})
     rid = run.info.run_id
@@ -25,6 +25,8 @@ def log_run(client, experiment_id, arm, schedule, seed, curve, test, status="FIN
                                    Metric("total_rollouts", curve[-1][0], now, 0),
                                    Metric("total_lm_calls", curve[-1][0], now, 0),
                                    Metric("wall_seconds", 30.0, now, 0)])
+    if gold is not None:
+        client.log_metric(rid, "test_gold_score", gold)
     client.log_param(rid, "budget.rollouts", "600")
     client.log_param(rid, "model", "tiny")
     client.set_terminated(rid, status)
@@ -70,6 +72,20 @@ def test_compare_reads_runs_back_and_writes_report(tmp_path):
 
         pixels = matplotlib.image.imread(plot)
         assert pixels.shape[0] >= 600 and pixels.shape[1] >= 1000 and pixels.std() > 0.05  # not blank
+
+
+def test_the_gold_metric_on_test_is_its_own_column(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    eid = client.create_experiment("golden")
+    golds = [0.46, 0.68, 0.72]
+    for seed, gold in enumerate(golds):
+        log_run(client, eid, "rl-only", "w", seed, [(0, 0.69), (1200, 0.78)], 0.8, gold=gold)
+    report = compare("golden", uri, tmp_path / "report")
+    (arm,) = report.arms
+    assert arm.test_gold_mean == pytest.approx(statistics.fmean(golds)) and arm.test_gold_ci == pytest.approx(ci95(golds))
+    assert "test gold (held out)" in report.table and f"{statistics.fmean(golds):.3f} ± " in report.table
+    assert "| 0.800 | 0.720 | 1200 |" in report.markdown.read_text()  # seed 2's row: test, test gold, rollouts
 
 
 def test_table_without_test_scores_and_single_seed():
