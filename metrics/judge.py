@@ -181,11 +181,12 @@ class LMJudge(PicklableLock):
     def _ask(self, lm: Any, task_inputs: str, response: str) -> tuple[float, str]:
         low, high = self.scale
         config = {"temperature": 0.0} if self.deterministic else {}
-        out = dspy.Predict(JudgeSignature)(
-            criterion=self.criterion, task_inputs=task_inputs, response=response,
-            scale=f"a number from {low:g} (worst) to {high:g} (best)", lm=lm, config=config,
-            _trace=False,  # keep the judge's call out of the program's trace (bootstrapping, GRPO rollouts)
-        )
+        # trace=None keeps the judge's call out of the program's trace (bootstrapping, GRPO rollouts); DSPy's own
+        # `_trace=False` keyword works too but warns on every call that `_trace` is not a signature field
+        with dspy.context(trace=None):
+            out = dspy.Predict(JudgeSignature)(
+                criterion=self.criterion, task_inputs=task_inputs, response=response,
+                scale=f"a number from {low:g} (worst) to {high:g} (best)", lm=lm, config=config)
         raw = get_field(out, "score", None)
         number = parse_number(raw, which="first", fractions=False)  # "4/5" on a 1..5 scale is 4
         if number is None:

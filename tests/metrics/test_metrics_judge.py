@@ -111,11 +111,13 @@ def test_deterministic_mode_sends_temperature_zero():
     assert "temperature" not in lm.history[-1]["kwargs"]
 
 
-def test_judge_call_stays_out_of_the_program_trace():
+def test_judge_call_stays_out_of_the_program_trace(caplog):
     trace = []
     with dspy.context(trace=trace):
         LMJudge("Polite?", lm=scripted(("a", "1")))(EXAMPLE, {"answer": "x"})
-    assert trace == []
+        dspy.Predict("question -> answer")(question="q", lm=DummyLM([{"answer": "y"}]))  # the program's own call
+    assert len(trace) == 1 and trace[0][2].answer == "y"  # only the program's call; the caller's trace goes on
+    assert "not in signature" not in caplog.text  # no warning per judge call
 
 
 def test_uses_settings_lm_when_none_given():
