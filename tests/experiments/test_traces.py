@@ -20,6 +20,16 @@ def _assessments(trace) -> dict[str, tuple]:
     return {a.name: (a.value, a.source.source_type, a.source.source_id) for a in trace.info.assessments}
 
 
+@pytest.fixture
+def store(tmp_path, request) -> str:
+    """A fresh sqlite store as the process's tracking URI (traces are written there), put back afterwards."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    return uri
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_a_run_logs_a_sample_of_rollouts_and_val_predictions_as_traces(fresh_policy, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -83,12 +93,9 @@ def test_a_bad_sample_size_is_refused(tmp_path):
         MlflowTracking(f"sqlite:///{tmp_path / 'm.db'}", "x", traces_per_stage=-1)
 
 
-def test_tool_calls_become_tool_spans_with_their_errors(tmp_path, request):
+def test_tool_calls_become_tool_spans_with_their_errors(tmp_path, store):
     """A ReAct trajectory's tool calls are spans too; a failed one is an ERROR span carrying DSPy's message."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    uri = store
     experiment = MlflowClient(uri).create_experiment("tools", artifact_location=str(tmp_path / "artifacts"))
     from experiments.traces import from_prediction
 
@@ -109,13 +116,10 @@ def test_tool_calls_become_tool_spans_with_their_errors(tmp_path, request):
     assert _assessments(trace)["tool_validity"][0] == 0.5 and _assessments(trace)["answer"][0] == "1990"
 
 
-def test_an_lm_judge_component_is_an_llm_judge_assessment_and_review_reads_it(tmp_path, request):
+def test_an_lm_judge_component_is_an_llm_judge_assessment_and_review_reads_it(tmp_path, store):
     from experiments.review import fetch_items
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    uri = store
     experiment = MlflowClient(uri).create_experiment("judged", artifact_location=str(tmp_path / "artifacts"))
     case = TraceCase(name="eval", inputs={"question": "Hi?"}, outputs={"answer": "Hello."}, expected={}, total=0.9,
                      components={"correct": 1.0, "polite": 0.75}, tags={"cotune.run": "r1", "cotune.example_id": "q1"})
@@ -127,15 +131,12 @@ def test_an_lm_judge_component_is_an_llm_judge_assessment_and_review_reads_it(tm
     assert item.components == {"correct": 1.0, "polite": 0.75} and item.total == 0.9
 
 
-def test_mlflow_contract_assessments_on_a_live_trace_are_written_with_it(tmp_path, request):
+def test_mlflow_contract_assessments_on_a_live_trace_are_written_with_it(tmp_path, store):
     """experiments.traces._attach relies on MLflow 3.17 internals (InMemoryTraceManager, the store writing a trace's
     assessments when it exports it). If an MLflow upgrade changes that, this test names it."""
     from experiments.traces import _attach
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    uri = store
     experiment = MlflowClient(uri).create_experiment("contract", artifact_location=str(tmp_path / "artifacts"))
     from mlflow.entities import AssessmentSource, Feedback
 
