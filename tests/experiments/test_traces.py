@@ -67,23 +67,22 @@ def test_a_run_logs_a_sample_of_rollouts_and_val_predictions_as_traces(fresh_pol
     assert w_run.data.metrics["traces"] == 6 and w_run.data.metrics["trace_seconds"] > 0
 
 
+def _trace_tags(policy, tmp_path, schedule: str, per_stage: int) -> list[dict[str, str]]:
+    """Run ``schedule`` on 32 rollouts with ``per_stage`` traces per stage; the tags of every trace it logged."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run(policy, tmp_path, schedule, [MlflowTracking(uri, "t", traces_per_stage=per_stage)], budget=32)
+    experiment = MlflowClient(uri).get_experiment_by_name("t").experiment_id
+    return [t.info.tags for t in MlflowClient(uri).search_traces(locations=[experiment])]
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_traces_off_logs_none(fresh_policy, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MlflowTracking(uri, "no-traces", traces_per_stage=0)
-    run(fresh_policy, tmp_path, "w", [tracker], budget=32)
-    experiment = MlflowClient(uri).get_experiment_by_name("no-traces").experiment_id
-    assert MlflowClient(uri).search_traces(locations=[experiment]) == []
+    assert _trace_tags(fresh_policy, tmp_path, "w", 0) == []
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_self_training_stage_logs_its_sampled_runs_as_traces(fresh_policy, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MlflowTracking(uri, "s-traces", traces_per_stage=2)
-    run(fresh_policy, tmp_path, "s", [tracker], budget=32)
-    experiment = MlflowClient(uri).get_experiment_by_name("s-traces").experiment_id
-    tags = [t.info.tags for t in MlflowClient(uri).search_traces(locations=[experiment])]
-    rollouts = [t for t in tags if t["cotune.source"] == "rollout"]
+    rollouts = [t for t in _trace_tags(fresh_policy, tmp_path, "s", 2) if t["cotune.source"] == "rollout"]
     assert len(rollouts) == 2 and {(t["cotune.stage"], t["cotune.step"]) for t in rollouts} == {("1-s", "0")}
     assert len({t["cotune.example_id"] for t in rollouts}) == 2
 
