@@ -148,7 +148,8 @@ def fetch_runs(tracking_uri: str, experiment: str) -> list[RunRow]:
     for (arm, seed), run in sorted(latest.items(), key=lambda kv: kv[0]):
         m, tags = run.data.metrics, run.data.tags
         history = client.get_metric_history(run.info.run_id, "val_score")
-        curve = sorted((int(h.step), float(h.value)) for h in history)
+        # in logging order within a step: a stage that spends no rollouts (random demos) shares step 0 with the baseline
+        curve = [(int(h.step), float(h.value)) for h in sorted(history, key=lambda h: (h.step, h.timestamp))]
         rows.append(RunRow(run_id=run.info.run_id, arm=arm, schedule=tags.get("schedule", ""), seed=seed,
                            start_time=run.info.start_time, final_val=m.get("final_val_score"),
                            last_val=m.get("last_val_score"), test=m.get("test_score"), rollouts=m.get("total_rollouts"),

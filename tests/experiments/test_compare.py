@@ -115,3 +115,13 @@ def test_an_arm_whose_seeds_returned_the_same_program_is_flagged(tmp_path):
     assert flags == {"joint": False, "prompt-only": True}
     assert "3 (identical!)" in report.table
     assert "every seed of `prompt-only` returned the same program" in report.markdown.read_text()
+
+
+def test_a_stage_that_spends_nothing_follows_the_baseline_in_the_curve(tmp_path):
+    """Random demos cost no rollouts: their val score shares step 0 with the baseline and must come after it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    rid = log_run(client, client.create_experiment("free"), "random-demos", "p", 0, [(0, 0.69)], 0.68)
+    client.log_batch(rid, metrics=[Metric("val_score", 0.48, int(time.time() * 1000) + 5, 0)])
+    (row,) = compare("free", uri, tmp_path / "report").runs
+    assert row.curve == [(0, 0.69), (0, 0.48)]
