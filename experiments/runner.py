@@ -134,9 +134,14 @@ class ProgressPrinter(OptimizeCallback):
 
     def on_step(self, run, index, metrics) -> None:
         step = int(metrics.get("step", 0))
-        if step and step % self.every == 0:
+        if not step or step % self.every:
+            return
+        if "rollouts" in metrics:  # a weight stage samples at every step
             self._print(f"  step {step}: reward {metrics.get('reward_mean', float('nan')):.3f}, "
-                        f"{metrics.get('rollouts', 0)} rollouts in this stage")
+                        f"{metrics['rollouts']} rollouts in this stage")
+        else:  # a self-training stage sampled once, then fine-tunes on the runs it kept
+            self._print(f"  step {step}: loss {metrics.get('loss', float('nan')):.3f} (epoch {metrics.get('epoch', '?')}, "
+                        f"trained on the {metrics.get('kept_rate', float('nan')):.0%} of runs that succeeded)")
 
     def on_stage_end(self, run, record) -> None:
         spent = record.total_spend

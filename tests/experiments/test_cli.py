@@ -202,3 +202,16 @@ def test_config_prints_every_setting_of_a_yaml_section_with_its_help(capsys):
         assert [line.split(" (", 1)[0] for line in lines] == [f.name for f in dataclasses.fields(cls())]
     assert main(["config", "weights"]) == 0
     assert "learning_rate (float, 2e-05): AdamW lr for the LoRA adapter" in capsys.readouterr().out
+
+
+def test_progress_lines_say_what_each_stage_kind_does_per_step():
+    import io
+
+    from experiments.runner import ProgressPrinter
+
+    out = io.StringIO()
+    printer = ProgressPrinter(out, every=1)
+    printer.on_step(None, 1, {"step": 1, "reward_mean": 0.5, "rollouts": 16})
+    printer.on_step(None, 2, {"step": 1, "loss": 0.25, "epoch": 1, "kept_rate": 0.6, "reward_mean": 0.6, "rows": 32})
+    assert out.getvalue().splitlines() == ["    step 1: reward 0.500, 16 rollouts in this stage",
+                                           "    step 1: loss 0.250 (epoch 1, trained on the 60% of runs that succeeded)"]
