@@ -215,3 +215,25 @@ def test_progress_lines_say_what_each_stage_kind_does_per_step():
     printer.on_step(None, 2, {"step": 1, "loss": 0.25, "epoch": 1, "kept_rate": 0.6, "reward_mean": 0.6, "rows": 32})
     assert out.getvalue().splitlines() == ["    step 1: reward 0.500, 16 rollouts in this stage",
                                            "    step 1: loss 0.250 (epoch 1, trained on the 60% of runs that succeeded)"]
+
+
+def test_a_traced_process_exits_without_mlflow_teardown_noise(tmp_path):
+    """MLflow 3.17: the isolated trace-id generator's __del__ fails at interpreter teardown ("Exception ignored ...
+    AttributeError"); close_tracing() (called when every cotune command ends) drops it first. If the first run below
+    stops printing the noise, MLflow fixed it and close_tracing can go."""
+    script = f"""
+import os, sys
+os.environ["MLFLOW_TRACE_USE_ISOLATED_RANDOM_ID_GENERATOR"] = "true"
+import mlflow
+mlflow.set_tracking_uri("sqlite:///{tmp_path}/" + sys.argv[1] + ".db")
+experiment = mlflow.MlflowClient().create_experiment("x", artifact_location="{tmp_path}/" + sys.argv[1])
+mlflow.start_span_no_context("t", experiment_id=experiment).end()
+mlflow.flush_trace_async_logging(terminate=False)
+if sys.argv[1] == "close":
+    from experiments.cli import close_tracing
+    close_tracing()
+"""
+    runs = {how: subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, timeout=120)
+            for how in ("plain", "close")}
+    assert "Exception ignored" in runs["plain"].stderr  # the MLflow behaviour this works around
+    assert runs["close"].returncode == 0 and "Exception ignored" not in runs["close"].stderr, runs["close"].stderr[-2000:]
