@@ -256,12 +256,20 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def program_hash(result: Any) -> str:
-    """A short hash of what ``optimize()`` returned: the program's prompts and demos, and the adapter's weights."""
+    """A short hash of what ``optimize()`` returned: the program's prompts and demos, and the adapter's weights.
+
+    An adapter whose ``lora_B`` weights are all zero adds nothing to the base model (LoRA's delta is B @ A), whatever
+    its seeded ``lora_A``: it hashes as "no adapter", so that seeds which all kept the untrained adapter compare as
+    the same program (``cotune compare`` flags such an arm: its seeds could not differ).
+    """
     from optimizers.result import program_state
 
     # without the policy's LM bound to the predictors: dump_state() refuses an LM whose engine cannot be saved
     state = json.dumps(program_state(result.program), sort_keys=True, default=str)
-    return hashlib.sha256(f"{state}/{result.policy.adapter_hash()}".encode()).hexdigest()[:16]
+    weights = result.policy.adapter_state()
+    no_op = all(not v.any() for k, v in weights.items() if "lora_B" in k)
+    adapter = "no adapter" if no_op else result.policy.adapter_hash(weights)
+    return hashlib.sha256(f"{state}/{adapter}".encode()).hexdigest()[:16]
 
 
 def _metric_key(name: str) -> str:

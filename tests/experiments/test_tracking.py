@@ -155,3 +155,29 @@ def test_processes_racing_to_create_one_sqlite_store_all_succeed(tmp_path):
     assert [p.returncode for p in procs] == [0] * 4, "\n---\n".join(o[-2000:] for o in outputs)
     assert [e.name for e in MlflowClient(tracking).search_experiments()] == ["Default"]
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["s"]
+
+
+def test_an_untrained_adapter_hashes_as_no_adapter_whatever_its_seeded_lora_a(fresh_policy):
+    """Seeds that all kept the untuned program differ only in lora_A (B is zero): the same program for compare."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from experiments.tracking import program_hash
+    from programs.tasks import last_digit
+
+    result = SimpleNamespace(program=last_digit.predict_program(), policy=fresh_policy)
+    untrained = program_hash(result)
+    state = fresh_policy.adapter_state()
+    a_name = next(k for k in state if "lora_A" in k)
+    b_name = a_name.replace("lora_A", "lora_B")
+    params = dict(fresh_policy.model.named_parameters())
+
+    def param(name):  # PEFT's state-dict names drop the adapter name that the module's parameters carry
+        return next(p for n, p in params.items() if n.replace(".default", "") == name)
+
+    with torch.no_grad():
+        param(a_name).add_(1.0)  # another seed's lora_A
+        assert program_hash(result) == untrained
+        param(b_name).add_(0.01)  # trained: B is no longer zero
+        assert program_hash(result) != untrained
