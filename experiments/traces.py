@@ -2,9 +2,10 @@
 
 Why: rewards and val scores say *how much*; a reviewer needs to see *what*. One trace is one run of the program on
 one example: a span per predictor call (the messages, the completion, token counts) and per tool call (args,
-observation, error), the rubric's total and each component as feedback (``LLM_JUDGE`` for an LM judge's component,
-``CODE`` for the rest), and the example's labels (the gold answer) as expectations. MLflow 3 stores traces with their assessments, and its UI (the experiment's Traces page)
-shows them and lets a person add ``HUMAN`` feedback, which ``cotune review`` / ``cotune calibrate`` read back.
+observation, error), the rubric's total and each component as feedback (``LLM_JUDGE`` for an LM judge's
+component, ``CODE`` for the rest), and the example's labels (the gold answer) as expectations. MLflow 3 stores
+traces with their assessments, and its UI (the experiment's Traces page) shows them and lets a person add
+``HUMAN`` feedback, which ``cotune review`` / ``cotune calibrate`` read back.
 
 Only a sample goes there (a few per stage, :class:`experiments.tracking.MlflowTracking`'s ``traces_per_stage``):
 a trace costs a few milliseconds of the stage, and a reviewer reads a handful, not thousands.
@@ -153,7 +154,7 @@ def _attach(root: Any, assessments: list) -> None:
         trace.info.assessments.extend(assessments)
 
 
-def _assessments(case: TraceCase, trace_id: str, judges: Collection[str] = ()) -> list:
+def _assessments(case: TraceCase, trace_id: str, judges: Collection[str]) -> list:
     from mlflow.entities import AssessmentSource, Expectation, Feedback
 
     rubric = AssessmentSource(source_type="CODE", source_id=RUBRIC_SOURCE_ID)

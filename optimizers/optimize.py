@@ -381,12 +381,10 @@ class _Loop:
         def should_stop() -> bool:  # the LM-call share: stop before a step that would overrun it
             return share.lm_calls is not None and calls["stage"] + calls["last_step"] > share.lm_calls
 
-        name_of = predictor_namer(current)
+        show = self.rollouts_callback(index, current)
 
         def show_rollouts(step: int, rollouts) -> tuple:  # a monitor that only shows: it raises no events
-            if distributed.is_main_process():
-                for cb in self.callbacks:
-                    cb.on_rollouts(self.run, index, step, rollouts, name_of)
+            show(step, rollouts)
             return ()
 
         result = train_weights(current, self.trainset, self.rubric, self.policy, config,
@@ -405,17 +403,24 @@ class _Loop:
             if share.rollouts < config.num_samples:
                 return {"steps": 0}, f"skipped: {share.rollouts} rollouts left, one example needs {config.num_samples}"
             config = dataclasses.replace(config, max_rollouts=share.rollouts)
-        name_of = predictor_namer(current)
-
-        def show_rollouts(rollouts) -> None:  # the sampled runs, before training on the kept ones (step 0)
-            if distributed.is_main_process():
-                for cb in self.callbacks:
-                    cb.on_rollouts(self.run, index, 0, rollouts, name_of)
-
+        show = self.rollouts_callback(index, current)
         result = self_train(current, self.trainset, self.rubric, self.policy, config, progress=self.progress,
-                            callbacks=[self.step_callback(index)], on_rollouts=show_rollouts)
+                            callbacks=[self.step_callback(index)],
+                            on_rollouts=lambda rollouts: show(0, rollouts))  # sampled once, before training: step 0
+
         meter.charge(result.rollouts, result.lm_calls)
         return dataclasses.asdict(result), "" if result.rows else "no successful run to train on; adapter unchanged"
+
+    def rollouts_callback(self, index: int, program) -> Callable[[int, Any], None]:
+        """Show a ``w`` or ``s`` stage's scored rollouts (rank 0's) to every OptimizeCallback."""
+        name_of = predictor_namer(program)
+
+        def show(step: int, rollouts) -> None:
+            if distributed.is_main_process():
+                for cb in self.callbacks:
+                    cb.on_rollouts(self.run, index, step, rollouts, name_of)
+
+        return show
 
     def step_callback(self, index: int) -> Callable[[dict[str, Any]], None]:
         """Forward a weight or self-train stage's step metrics to every OptimizeCallback."""
