@@ -30,6 +30,12 @@ log-probs of the rows are computed once, before the update, the ratio pi_trainer
 ``importance_sampling_cap`` (``importance_sampling`` picks TRL's mode), and TRL's loss multiplies each token's loss by
 it (``importance_sampling_ratio``). Rows from the in-process engine were sampled by the trainer's own weights: ratio 1,
 no extra forward pass.
+
+Micro-batches are length-grouped: ``step`` (and the extra log-prob passes of ``to_batch``) take the rows in order of
+prompt length, and each micro-batch drops the prompt columns that are padding in all of its rows. Prompts are left-padded to the longest in the step, and one degenerate
+rollout (a trajectory grown to the context) made every row of the step pay for its 1,000 tokens: on the agent model a
+step's forwards were ~80% padding (benchmarks/grpo_padding.py). The dapo loss is a token sum, so the order of rows
+changes nothing but float rounding; padding columns are masked out of attention, and rotary positions are relative.
 """
 
 from __future__ import annotations
@@ -275,9 +281,7 @@ class GRPOUpdater:
             batch[_REAL] = real.to(device)
             total = distributed.all_reduce([float(batch["num_items_in_batch"])], "sum")[0]
             batch["num_items_in_batch"] = torch.tensor(total, device=device)
-        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-        width, mbs = batch["completion_ids"].size(1), self.config.micro_batch_size
+        mbs = self.config.micro_batch_size
         model = trainer.model  # the unwrapped model: no gradients here, nothing to synchronise
         sampled = [r.sampling_logprobs for r in rows]
         correct = self.config.importance_sampling != "none" and any(s is not None for s in sampled)
@@ -288,9 +292,9 @@ class GRPOUpdater:
         with trl_seam.without_gradient_checkpointing(trainer, model):
             if self.config.num_iterations > 1 or correct:  # the batch is reused / the sampler was not the trainer
                 model.eval()
-                batch["old_per_token_logps"] = trl_seam.per_token_logps(trainer, model, ids, mask, width, mbs)
+                batch["old_per_token_logps"] = _by_micro_batch(trl_seam.per_token_logps, trainer, model, batch, mbs)
             if self.config.beta != 0.0:  # the beta TRL's loss reads (trl_seam.set_beta keeps them equal)
-                batch["ref_per_token_logps"] = trl_seam.reference_logps(trainer, model, ids, mask, width, mbs)
+                batch["ref_per_token_logps"] = _by_micro_batch(trl_seam.reference_logps, trainer, model, batch, mbs)
         if self.config.importance_sampling != "none":
             if correct:
                 nan = float("nan")  # a row or token the sampler did not score gets ratio 1, as in TRL
@@ -316,19 +320,22 @@ class GRPOUpdater:
         n_rows = batch["advantages"].size(0)
         mbs = self.config.micro_batch_size
         starts = range(0, n_rows, mbs)
+        order = by_prompt_length(batch)
         n_items = trl_seam.split_into(trainer, len(starts), batch["num_items_in_batch"])  # the update ignores the split
         real = batch.get(_REAL)
         total = 0.0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             for j, s in enumerate(starts):
-                micro = {k: v[s : s + mbs] for k, v in batch.items() if k not in ("num_items_in_batch", _REAL)}
+                rows = order[s : s + mbs]
+                micro = without_shared_padding(
+                    {k: v[rows] for k, v in batch.items() if k not in ("num_items_in_batch", _REAL)})
                 micro["num_items_in_batch"] = n_items
                 last = j == len(starts) - 1
                 with self._sync_on(last):
                     loss = trl_seam.loss(trainer, model, micro)
                     if real is not None and self.config.loss_type in ROW_MEAN_LOSSES:  # rescale to the real rows
-                        n_real = int(real[s : s + mbs].sum())
+                        n_real = int(real[rows].sum())
                         loss = loss * (len(micro["advantages"]) / n_real if n_real else 0.0)
                     trainer.accelerator.backward(loss)
                 total += loss.item()
@@ -396,6 +403,52 @@ class GRPOUpdater:
             self.trainer.optimizer.load_state_dict(optimizer)
         self.trainer.lr_scheduler.load_state_dict(state["scheduler"])
         self.trainer.state.global_step = int(state["global_step"])
+
+
+def without_shared_padding(micro: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``micro`` without the prompt columns that are padding in every one of its rows (prompts are left-padded).
+
+    Example:
+        >>> m = without_shared_padding({"prompt_ids": torch.tensor([[0, 0, 5], [0, 7, 5]]),
+        ...                             "prompt_mask": torch.tensor([[0, 0, 1], [0, 1, 1]])})
+        >>> m["prompt_ids"].tolist(), m["prompt_mask"].tolist()
+        ([[0, 5], [7, 5]], [[0, 1], [1, 1]])
+    """
+    used = micro["prompt_mask"].any(0).nonzero()
+    first = int(used[0]) if len(used) else micro["prompt_mask"].size(1) - 1  # keep one column (a padding-only rank)
+    if first == 0:
+        return micro
+    return {**micro, "prompt_ids": micro["prompt_ids"][:, first:], "prompt_mask": micro["prompt_mask"][:, first:]}
+
+
+def by_prompt_length(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's row indices, shortest prompt first (ties keep their order): the order micro-batches take rows in.
+
+    Example:
+        >>> by_prompt_length({"prompt_mask": torch.tensor([[0, 1, 1], [0, 0, 1], [1, 1, 1]])}).tolist()
+        [1, 0, 2]
+    """
+    return batch["prompt_mask"].sum(1).argsort(stable=True)
+
+
+def _by_micro_batch(logps, trainer, model, batch: dict[str, torch.Tensor], mbs: int) -> torch.Tensor:
+    """``logps`` (:func:`rl.trl_seam.per_token_logps` or ``reference_logps``) of the batch's completions, in the
+    batch's row order, computed one length-grouped micro-batch at a time without its shared padding. Every rank makes
+    the same number of calls (ZeRO-3 needs that: each forward gathers the parameters): the ranks' batches are padded
+    to one size."""
+    width, order = batch["completion_ids"].size(1), by_prompt_length(batch)
+    out = None
+    for s in range(0, len(order), mbs):
+        rows = order[s : s + mbs]
+        micro = without_shared_padding({k: batch[k][rows] for k in
+                                        ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")})
+        ids = torch.cat([micro["prompt_ids"], micro["completion_ids"]], 1)
+        mask = torch.cat([micro["prompt_mask"], micro["completion_mask"]], 1)
+        chunk = logps(trainer, model, ids, mask, width, mbs)
+        if out is None:
+            out = chunk.new_empty((len(order), width))
+        out[rows] = chunk
+    return out
 
 
 def importance_ratio(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str,

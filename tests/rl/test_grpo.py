@@ -195,14 +195,18 @@ def test_micro_batch_split_leaves_the_update_unchanged(tiny_model_dir, loss_type
     assert split.keys() == whole.keys() and len(split) == len(_lora(policies[0]))
     assert all(g.abs().max() > 1e-4 for g in whole.values())  # every LoRA weight is pushed
     for name in whole:
-        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)  # |g| up to ~0.1
+        # |g| up to ~0.1; float32 rounding of micro-batches with different padding widths (a wrong split is off by x3)
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
     assert abs(metrics[0]["loss"] - metrics[1]["loss"]) < 1e-5
     assert abs(metrics[0]["grad_norm"] - metrics[1]["grad_norm"]) < 1e-5 * metrics[1]["grad_norm"]
-    # Adam's first step moves each weight by ~lr * g / (|g| + eps): a gradient of ~1e-9 turns float rounding into
-    # ~1e-6, so the adapters agree to 1% of a step (lr 1e-3), not to the gradients' precision
+    # Adam's first step moves each weight by ~lr * g / (|g| + eps): where a gradient is ~1e-9, below eps, the float
+    # rounding of the two splits (different rows share a micro-batch's padding width) moves a weight by a few % of a
+    # step (lr 1e-3). Where the gradient is clear of that noise the adapters agree to 1% of a step.
     after = [_lora(p) for p in policies]
     for name in after[1]:
-        torch.testing.assert_close(after[0][name], after[1][name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(after[0][name], after[1][name], rtol=0, atol=1e-4, msg=name)
+        clear = whole[name].abs() > 1e-7
+        torch.testing.assert_close(after[0][name][clear], after[1][name][clear], rtol=0, atol=1e-5, msg=name)
 
 
 def test_beta_zero_with_zero_advantages_moves_nothing(tiny_model_dir):
