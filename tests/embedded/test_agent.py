@@ -106,18 +106,18 @@ def test_a_rebuild_of_the_agent_from_the_recipe_lands_in_the_band(tmp_path, monk
     assert agent.agent_band_problems(agent.measure_agent_band(path)) == []
 
 
-RL_BUDGET = 1200  # episodes (G=4 x 4 questions per step, cotune.json): ~11 min on 2 cores
+RL_BUDGET = 2000  # episodes (G=4 x 4 questions per step, cotune.json): ~9 min on 2 cores
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_rl_only_lifts_held_out_test_success_by_10_points(seed, tmp_path):
+def test_rl_only_lifts_held_out_test_success_by_20_points(seed, tmp_path):
     """GRPO on every ``react`` step and the ``extract`` call (per-predictor groups, the task's rubric, default
     settings from the model's ``cotune.json``) finds the paths the teacher got right less than half the time.
 
     Strict held-out comparison: test questions no stage saw, against the untuned program measured on them.
-    Why 10 points and not the issue's 20: rollouts run on threads, so two runs of one seed differ. At this budget,
-    five runs (2026-11-30): seed 0 +22.3 and over +20; seed 1 +26.4, +26.4 and +15.3 (README).
+    Why 2,000 episodes: at 1,200 the lift reached +20 in 8 of 10 runs (README); at 2,000, four runs (2026-11-30, two
+    per seed) gave seed 0 +23.6 twice and seed 1 +37.5 twice (``founding_gap`` flips too).
     """
     import time
 
@@ -136,6 +136,6 @@ def test_rl_only_lifts_held_out_test_success_by_10_points(seed, tmp_path):
     tuned = agent.measure_agent(policy=result.policy)  # w changes no prompt: the program is the task's own
     print(f"seed {seed}: {minutes:.1f} min, val", [(r.name, round(r.val_score, 3)) for r in result.history],
           f"\n  untuned {untuned}\n  tuned   {tuned}")
-    assert tuned.success >= untuned.success + 0.10, (untuned.success, tuned.success)
+    assert tuned.success >= untuned.success + 0.20, (untuned.success, tuned.success)
     assert tuned.per_kind["founding_age"]["success"] >= 0.3  # the teacher's minority path, greedy 0% untuned
     assert minutes <= 15 and result.spend["rollouts"] <= RL_BUDGET
