@@ -32,10 +32,12 @@ it (``importance_sampling_ratio``). Rows from the in-process engine were sampled
 no extra forward pass.
 
 Micro-batches are length-grouped: ``step`` (and the extra log-prob passes of ``to_batch``) take the rows in order of
-prompt length, and each micro-batch drops the prompt columns that are padding in all of its rows. Prompts are left-padded to the longest in the step, and one degenerate
-rollout (a trajectory grown to the context) made every row of the step pay for its 1,000 tokens: on the agent model a
-step's forwards were ~80% padding (benchmarks/grpo_padding.py). The dapo loss is a token sum, so the order of rows
-changes nothing but float rounding; padding columns are masked out of attention, and rotary positions are relative.
+prompt length, and each micro-batch drops the prompt columns that are padding in all of its rows. Prompts are
+left-padded to the longest in the step, and one degenerate rollout (a trajectory grown to the context) made every row
+of its step pay for ~1,000 tokens: on 24 sampled steps of the agent model 60% of the tokens forwarded were padding, 88%
+in a step with such a row (benchmarks/grpo_padding.py). Token-normalised losses (dapo, the default) are sums over
+tokens, so the order changes nothing but float rounding; row-mean losses (grpo, ...) average within micro-batches of
+other rows, as any split does. Padding columns are masked out of attention, and rotary positions are relative.
 """
 
 from __future__ import annotations
