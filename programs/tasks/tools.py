@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 
 import dspy
 
@@ -25,6 +26,10 @@ from programs.tasks.corpus import Retriever, default_retriever
 __all__ = ["ToolError", "calculator", "convert_units", "lookup_tool", "make_tools"]
 
 MAX_EXPRESSION_CHARS = 200
+# A number run into a keyword ("1966or 2") is a SyntaxWarning, not an error, in Python's tokenizer: printed once per
+# rollout that writes one, from whichever thread parsed it. Refused before parsing instead (warnings.catch_warnings
+# would be the other way, and it is not thread-safe).
+_NUMBER_INTO_KEYWORD = re.compile(r"\d(?:and|or|in|is|if|else|not|for)\b")
 MAX_EXPONENT = 64
 MAX_MAGNITUDE = 1e18
 
@@ -66,6 +71,8 @@ def calculator(expression: str) -> str:
         raise ToolError("empty expression")
     if len(text) > MAX_EXPRESSION_CHARS:
         raise ToolError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    if _NUMBER_INTO_KEYWORD.search(text):
+        raise ToolError(f"cannot parse {text!r}: write plain arithmetic like '12 * (3 + 4)'")
     try:
         tree = ast.parse(text.replace("^", "**"), mode="eval")
     except SyntaxError as exc:

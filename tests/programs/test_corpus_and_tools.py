@@ -76,6 +76,8 @@ def test_calculator(expression, value):
     ("9 ** 9 ** 9", "exponent too large"),
     ("10 ** 19", "out of range"),
     ("two plus two", "cannot parse"),
+    ("1966or 2", "cannot parse"),  # a SyntaxWarning to Python's tokenizer: refused before it prints one
+    ("3in (4,)", "cannot parse"),
     ("", "empty expression"),
     ("1 +" * 100, "longer than"),
     ("[1, 2]", "unsupported syntax List"),
@@ -84,6 +86,18 @@ def test_calculator(expression, value):
 def test_calculator_refuses_anything_but_arithmetic(expression, message):
     with pytest.raises(ToolError, match=message):
         calculator(expression)
+
+
+def test_calculator_prints_no_syntax_warning_for_a_number_run_into_a_keyword():
+    """Python's tokenizer warns (SyntaxWarning) on "1966or 2" instead of failing: rollouts write such expressions."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for expression in ("1966or 2", "1986 - 1986if 1 else 0", "3in (4,)"):
+            with pytest.raises(ToolError, match="cannot parse"):
+                calculator(expression)
+    assert not [w for w in caught if issubclass(w.category, SyntaxWarning)], [str(w.message) for w in caught]
 
 
 def test_unit_conversion():
