@@ -116,8 +116,8 @@ def test_rl_only_lifts_held_out_test_success_by_20_points(seed, tmp_path):
     settings from the model's ``cotune.json``) finds the paths the teacher got right less than half the time.
 
     Strict held-out comparison: test questions no stage saw, against the untuned program measured on them.
-    Why 2,000 episodes: at 1,200 the lift reached +20 in 8 of 10 runs (README); at 2,000, four runs (2026-11-30, two
-    per seed) gave seed 0 +23.6 twice and seed 1 +37.5 twice (``founding_gap`` flips too).
+    Why 2,000 episodes: at 1,200 the lift reached +20 in 8 of 10 runs (README); at 2,000, six runs (2026-11-30) gave
+    seed 0 +23.6 three times and seed 1 +37.5 twice (1 thread) and +22.3 (2 threads).
     """
     import time
 
