@@ -321,19 +321,16 @@ class GRPOUpdater:
         model.train()
         n_rows = batch["advantages"].size(0)
         mbs = self.config.micro_batch_size
-        starts = range(0, n_rows, mbs)
-        order = by_prompt_length(batch)
-        n_items = trl_seam.split_into(trainer, len(starts), batch["num_items_in_batch"])  # the update ignores the split
+        n_micro = len(range(0, n_rows, mbs))
+        n_items = trl_seam.split_into(trainer, n_micro, batch["num_items_in_batch"])  # the update ignores the split
         real = batch.get(_REAL)
+        keys = [k for k in batch if k not in ("num_items_in_batch", _REAL)]
         total = 0.0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            for j, s in enumerate(starts):
-                rows = order[s : s + mbs]
-                micro = without_shared_padding(
-                    {k: v[rows] for k, v in batch.items() if k not in ("num_items_in_batch", _REAL)})
+            for j, (rows, micro) in enumerate(_length_grouped(batch, keys, mbs)):
                 micro["num_items_in_batch"] = n_items
-                last = j == len(starts) - 1
+                last = j == n_micro - 1
                 with self._sync_on(last):
                     loss = trl_seam.loss(trainer, model, micro)
                     if real is not None and self.config.loss_type in ROW_MEAN_LOSSES:  # rescale to the real rows
@@ -438,19 +435,25 @@ def _by_micro_batch(logps, trainer, model, batch: dict[str, torch.Tensor], mbs: 
     batch's row order, computed one length-grouped micro-batch at a time without its shared padding. Every rank makes
     the same number of calls (ZeRO-3 needs that: each forward gathers the parameters): the ranks' batches are padded
     to one size."""
-    width, order = batch["completion_ids"].size(1), by_prompt_length(batch)
-    out = None
-    for s in range(0, len(order), mbs):
-        rows = order[s : s + mbs]
-        micro = without_shared_padding({k: batch[k][rows] for k in
-                                        ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")})
+    width, out = batch["completion_ids"].size(1), None
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+    for rows, micro in _length_grouped(batch, keys, mbs):
         ids = torch.cat([micro["prompt_ids"], micro["completion_ids"]], 1)
         mask = torch.cat([micro["prompt_mask"], micro["completion_mask"]], 1)
         chunk = logps(trainer, model, ids, mask, width, mbs)
         if out is None:
-            out = chunk.new_empty((len(order), width))
+            out = chunk.new_empty((batch["completion_ids"].size(0), width))
         out[rows] = chunk
     return out
+
+
+def _length_grouped(batch: dict[str, torch.Tensor], keys, mbs: int):
+    """``(rows, micro)`` per micro-batch of ``mbs`` rows taken in :func:`by_prompt_length` order: the row indices and
+    the batch's ``keys`` at those rows, :func:`without_shared_padding`."""
+    order = by_prompt_length(batch)
+    for s in range(0, len(order), mbs):
+        rows = order[s : s + mbs]
+        yield rows, without_shared_padding({k: batch[k][rows] for k in keys})
 
 
 def importance_ratio(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str,
