@@ -15,9 +15,8 @@ Both sides generate greedily on the same model with at most ``--max-tokens`` new
 and including EOS. Rounds alternate a/b (b/a every other round) after a warm-up. Printed per side: the work of a
 round (rows, prompt tokens, tokens generated; greedy on both, so they agree up to padding-dependent rounding) and
 tokens/s as median [min..max]; the last line is the ratio (b)/(a) of the median tokens per second (target >= 0.7).
-``--threads`` sets torch's intra-op threads for both sides (default: torch's own choice, one per core).
 
-    python benchmarks/agent_rollouts.py [--n 32] [--batch 8] [--max-tokens 96] [--rounds 5] [--threads N] [--model DIR]
+    python benchmarks/agent_rollouts.py [--n 32] [--batch 8] [--max-tokens 96] [--rounds 5] [--model DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import argparse
 import logging
 
 import dspy
-import torch
 from engine_throughput import (  # the one-call benchmark's loop (run as a script)
     alternate,
     evaluate_recorded,
@@ -52,10 +50,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", help="base model folder (default: the embedded agent model)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads, both sides (default: torch's)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     logging.getLogger("dspy.evaluate.evaluate").setLevel(logging.WARNING)
 
     if args.model:
@@ -74,8 +69,7 @@ def main() -> None:
     sides = {"raw": lambda: raw_generate(policy, prompts, args.batch, args.max_tokens),
              "engine": lambda: engine_episodes(policy, program, devset, args.batch, args.max_tokens)[:2]}
     rates, work = alternate(sides, args.rounds)
-    print(f"n={args.n} episodes, batch/threads={args.batch}, max_tokens={args.max_tokens}, torch threads="
-          f"{torch.get_num_threads()}, mean engine batch="
+    print(f"n={args.n} episodes, batch/threads={args.batch}, max_tokens={args.max_tokens}, mean engine batch="
           f"{policy.engine.stats()['mean_batch']:.1f}, {args.rounds} rounds (+ warm-up), order a/b then b/a")
     report(rates, work, args.rounds, {"raw": "(a) raw generate, same calls", "engine": "(b) engine, ReAct episodes"},
            target="; target >= 0.7")

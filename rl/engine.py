@@ -44,11 +44,10 @@ if TYPE_CHECKING:
 @dataclass
 class _Job(Sampling):
     """A request queued for the batching worker: its settings (``max_tokens`` clipped by the worker when the prompt
-    nears the context window), its prompt ids once encoded, the future its caller waits on and the caller's thread."""
+    nears the context window), its prompt ids once encoded, and the future its caller waits on."""
 
     prompt_ids: list[int] | None = None
     future: Future = field(default_factory=Future)
-    caller: int = field(default_factory=threading.get_ident)
 
 
 @dataclass
@@ -160,9 +159,8 @@ class BatchedEngine(PolicyEngine):
     Args:
         policy: the model, tokenizer, adapter and version to generate with.
         max_batch_size: most requests generated together.
-        max_wait_ms: longest the worker waits for the next request after the last one arrived. It waits only while
-            fewer requests are queued than threads called in the last ``caller_window_s`` seconds, so a lone
-            sequential caller never waits.
+        max_wait_ms: longest the worker waits for more requests after the first one (it waits only while fewer
+            requests are queued than recent batches held, so a lone sequential caller never waits).
         default_max_tokens: used when a request sets no ``max_tokens``.
         seed: seeds the engine's seed stream, for requests that carry no seed of their own, outside a tagged
             :func:`rl.trace.recording` (the seed rule: :mod:`rl.engine_base`).
@@ -171,7 +169,6 @@ class BatchedEngine(PolicyEngine):
     """
 
     kind = "local policy"
-    caller_window_s = 1.0  # a thread that called within this long counts as a concurrent caller still at work
 
     def __init__(
         self,
@@ -243,19 +240,13 @@ class BatchedEngine(PolicyEngine):
                 self._worker.start()
 
     def _serve(self) -> None:
-        last_call: dict[int, float] = {}  # caller thread -> when its latest request was batched
+        recent: deque[int] = deque([1], maxlen=2)
         while True:
             jobs = [self._queue.get()]
-            # Concurrent callers (k DSPy threads) come back after each batch, each once its Python work (parsing,
-            # a tool call, formatting the next prompt) is done; under the GIL, k such callers take k times as long.
-            # Wait for every thread that called recently (it is likely on its way) while requests keep arriving:
-            # each arrival leaves max_wait for the next one, so a lone sequential caller never waits and a caller
-            # that has finished costs max_wait once. (Counting threads, not the last batch's size, lets a batch
-            # that came out small grow back.)
-            now = time.monotonic()
-            last_call = {t: at for t, at in last_call.items() if now - at < self.caller_window_s}
+            # Concurrent callers (k DSPy threads) come back together after each batch, a few ms apart. Wait for as
+            # many as the recent batches held (they are likely on their way), but never longer than max_wait.
             clients = self._clients
-            expected = min(self.max_batch_size, clients or len(last_call.keys() | {jobs[0].caller}))
+            expected = min(self.max_batch_size, clients or max(recent))
             deadline = time.monotonic() + (self.client_wait_s if clients else self.max_wait_s)
             while len(jobs) < self.max_batch_size:
                 timeout = deadline - time.monotonic() if len(jobs) < expected else 0.0
@@ -263,9 +254,7 @@ class BatchedEngine(PolicyEngine):
                     jobs.append(self._queue.get(timeout=max(0.0, timeout)) if timeout > 0 else self._queue.get_nowait())
                 except queue.Empty:
                     break
-                if not clients:
-                    deadline = max(deadline, time.monotonic() + self.max_wait_s)
-            last_call.update((job.caller, time.monotonic()) for job in jobs)
+            recent.append(len(jobs))
             jobs = self._refuse_overlong(jobs)
             if not jobs:
                 continue

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
@@ -80,30 +79,6 @@ def test_eight_threads_match_sequential_at_temperature_zero(tiny_policy, chat_ad
     assert concurrent == sequential
     sizes = list(tiny_policy.engine.batch_sizes)[before:]
     assert max(sizes) > 1, f"concurrent requests were never batched: {sizes}"
-
-
-def test_callers_that_come_back_one_after_another_are_still_batched_together(tiny_policy):
-    """DSPy threads return from a batch one after another (each parses, calls a tool, formats its next prompt under
-    the GIL), spread over more than max_wait; the worker keeps gathering while they arrive, so the batch does not
-    split and later batches do not shrink to what one window happened to catch."""
-    from rl.engine import BatchedEngine
-
-    engine = BatchedEngine(tiny_policy, max_wait_ms=100.0)
-    warm = []  # batches before the callers were known (a fresh engine does not wait for callers it has not seen)
-    barrier = threading.Barrier(6, action=lambda: warm.append(len(engine.batch_sizes)))
-
-    def ask(i):
-        request = Request(model=tiny_policy.model_string, messages=(Message.user(f"What is the last digit of {i}?"),),
-                          system="You are a test.", config=Config(temperature=0.0, max_tokens=4))
-        engine.complete(request)
-        barrier.wait()
-        for _ in range(3):
-            engine.complete(request)
-            time.sleep(0.04 * i)  # caller i comes back 40 ms after caller i-1: 200 ms from first to last
-
-    with ThreadPoolExecutor(6) as pool:
-        list(pool.map(ask, range(6)))
-    assert list(engine.batch_sizes)[warm[0]:] == [6, 6, 6]
 
 
 def test_seeded_sampling_is_independent_of_batch_companions(tiny_policy):
