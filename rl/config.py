@@ -22,24 +22,28 @@ from typing import Any, Literal
 from rl.errors import StageConfigError
 
 MODEL_SETTINGS_FILE = "cotune.json"
-MODEL_SETTINGS_SECTIONS = ("weights", "self_training", "prompt")
+MODEL_SETTINGS_SECTIONS = ("weights", "self_training", "prompt", "engine")
+ENGINE_SETTINGS = ("torch_threads",)  # the in-process engine's settings a model folder may recommend
 IMPORTANCE_SAMPLING_MODES = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
 class ModelSettingsError(ValueError):
-    """A model folder's ``cotune.json`` is not valid JSON or has sections other than weights/self_training/prompt."""
+    """A model folder's ``cotune.json`` is not valid JSON, has an unknown section or setting, or a bad value."""
 
 
 def read_model_settings(folder: str | Path) -> dict[str, dict[str, Any]]:
     """The recommended stage settings a model folder ships in ``cotune.json`` (``{}`` when it has none).
 
-    The file is ``{"weights": {...}, "self_training": {...}, "prompt": {...}}`` (every section optional), each a
-    dict of the fields of ``WeightStageConfig``, ``SelfTrainConfig`` and ``PromptStageConfig``; the fields are
-    checked where the configs are built (``optimizers.optimize``), which names the file in its error.
+    The file is ``{"weights": {...}, "self_training": {...}, "prompt": {...}, "engine": {...}}`` (every section
+    optional). The first three are dicts of the fields of ``WeightStageConfig``, ``SelfTrainConfig`` and
+    ``PromptStageConfig``, checked where the configs are built (``optimizers.optimize``), which names the file in its
+    error. ``engine`` holds settings of the in-process :class:`rl.engine.BatchedEngine` (:data:`ENGINE_SETTINGS`),
+    checked here: ``torch_threads``, the intra-op threads generation runs on (a small model decodes fastest on one).
 
     Raises:
-        ModelSettingsError: the file is not a JSON object of those sections, each a JSON object.
+        ModelSettingsError: the file is not a JSON object of those sections, each a JSON object, or its ``engine``
+            section has an unknown setting or a ``torch_threads`` that is not a positive integer.
     """
     path = Path(folder) / MODEL_SETTINGS_FILE
     if not path.is_file():
@@ -56,6 +60,14 @@ def read_model_settings(folder: str | Path) -> dict[str, dict[str, Any]]:
     for name, section in data.items():
         if not isinstance(section, dict):
             raise ModelSettingsError(f"{str(path)!r}: section {name!r} must be a JSON object of settings")
+    engine = data.get("engine", {})
+    unknown = sorted(set(engine) - set(ENGINE_SETTINGS))
+    if unknown:
+        raise ModelSettingsError(f"{str(path)!r}: section 'engine' has unknown setting(s) {unknown}; "
+                                 f"expected {list(ENGINE_SETTINGS)}")
+    threads = engine.get("torch_threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ModelSettingsError(f"{str(path)!r}: engine.torch_threads must be a positive integer, got {threads!r}")
     return data
 
 

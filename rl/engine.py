@@ -12,6 +12,12 @@ vectorised pass from a counter-based RNG keyed by that row's seed, and hands ``g
 A request with a seed therefore gets the same completion whatever else shares its batch (up to the
 float noise of batched matmuls).
 
+The worker generates on its own torch intra-op thread count (``torch_threads``; torch's OpenMP/MKL count is per
+calling thread, so setting it in the worker leaves the trainer's count alone). Why: a small model decodes one
+token at a time in tiny matmuls, where a second thread costs more in synchronisation than it saves (the embedded
+agent model decodes 2.5x faster on one thread than on two), while the GRPO update's large matmuls want every
+core. A model folder recommends its count in ``cotune.json`` (``{"engine": {"torch_threads": 1}}``).
+
 What happens around a generation (DSPy's ``complete(Request) -> Response`` contract, the seed rule, the
 :class:`rl.trace.LMCall` record with the exact prompt and completion token ids, the counters) is
 :class:`rl.engine_base.PolicyEngine`'s, shared with the vLLM engine; this module only generates.
@@ -165,7 +171,8 @@ class BatchedEngine(PolicyEngine):
         seed: seeds the engine's seed stream, for requests that carry no seed of their own, outside a tagged
             :func:`rl.trace.recording` (the seed rule: :mod:`rl.engine_base`).
         history_size: how many recent :class:`LMCall` records :attr:`calls` keeps.
-        client_wait_ms: longest wait for the requests of callers declared with :meth:`client`.
+        client_wait_ms: longest wait for the requests of callers declared with :meth:`clients`.
+        torch_threads: torch intra-op threads the worker generates on (default: the process's count).
     """
 
     kind = "local policy"
@@ -179,6 +186,7 @@ class BatchedEngine(PolicyEngine):
         seed: int = 0,
         history_size: int = 10_000,
         client_wait_ms: float = 250.0,
+        torch_threads: int | None = None,
     ) -> None:
         super().__init__(policy, default_max_tokens=default_max_tokens, seed=seed, history_size=history_size)
         self.max_batch_size = max_batch_size
@@ -190,6 +198,9 @@ class BatchedEngine(PolicyEngine):
         self._clients = 0
         self._clients_lock = threading.Lock()
         self.client_wait_s = client_wait_ms / 1000.0
+        if torch_threads is not None and torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {torch_threads}")
+        self.torch_threads = torch_threads
 
     @contextmanager
     def clients(self, n: int) -> Iterator[Callable[[], None]]:
@@ -240,6 +251,8 @@ class BatchedEngine(PolicyEngine):
                 self._worker.start()
 
     def _serve(self) -> None:
+        if self.torch_threads is not None:
+            torch.set_num_threads(self.torch_threads)  # this worker thread's own count: see the module docstring
         recent: deque[int] = deque([1], maxlen=2)
         while True:
             jobs = [self._queue.get()]

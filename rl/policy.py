@@ -163,6 +163,7 @@ class Policy:
         max_wait_ms: float = 15.0,
         default_max_tokens: int = 256,
         seed: int = 0,
+        torch_threads: int | None = None,
         engine: str = "local",
         vllm: dict[str, Any] | None = None,
     ) -> Policy:
@@ -177,6 +178,8 @@ class Policy:
             device: ``"cpu"``, ``"cuda"``, ... (default: cuda when available).
             trust_remote_code: run code shipped with the model. Off unless you trust the folder.
             max_batch_size, max_wait_ms, default_max_tokens, seed: engine settings (see :class:`BatchedEngine`).
+            torch_threads: torch threads the in-process engine generates on; default: the model folder's
+                ``cotune.json`` ``engine.torch_threads``, else the process's count.
             engine: where generation runs: ``"local"`` (in-process :class:`BatchedEngine`), ``"vllm"`` (start a
                 vLLM server on this model folder) or the URL of a running vLLM server. Training is in-process
                 either way; see :meth:`use_vllm`.
@@ -186,11 +189,16 @@ class Policy:
         Raises:
             ModelNotFoundError: the model is not available locally.
             UnsafeModelError: the folder has no safetensors weights.
+            rl.config.ModelSettingsError: the folder's ``cotune.json`` is malformed.
         """
         from peft import PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from rl.config import read_model_settings
+
         path = resolve_model_path(path_or_name)
+        if torch_threads is None:
+            torch_threads = read_model_settings(path).get("engine", {}).get("torch_threads")
         if not list(path.glob("*.safetensors")):
             raise UnsafeModelError(
                 f"{str(path)!r} has no *.safetensors weights; cotune loads safetensors only "
@@ -232,6 +240,7 @@ class Policy:
                 "max_wait_ms": max_wait_ms,
                 "default_max_tokens": default_max_tokens,
                 "seed": seed,
+                "torch_threads": torch_threads,
             },
         )
         if engine != "local":

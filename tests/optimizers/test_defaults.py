@@ -110,6 +110,8 @@ def test_a_config_object_is_taken_whole(tmp_path):
     ('{"optimizer": {}}', "unknown section"),
     ('{"weights": {"learning_rate": -1}}', "learning_rate must be > 0"),
     ("not json", "not readable JSON"),
+    ('{"engine": {"threads": 1}}', "section 'engine' has unknown setting.*threads"),
+    ('{"engine": {"torch_threads": 0}}', "torch_threads must be a positive integer"),
 ])
 def test_a_bad_model_file_is_named(tmp_path, content, match):
     (tmp_path / MODEL_SETTINGS_FILE).write_text(content)

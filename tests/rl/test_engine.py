@@ -102,6 +102,31 @@ def test_unseeded_sampling_varies(tiny_policy):
     assert len(texts) > 1
 
 
+def test_the_engine_generates_on_the_torch_threads_its_model_folder_asks_for(tiny_model_dir, tmp_path):
+    """``cotune.json``'s ``engine.torch_threads`` sets the worker's own count; the caller keeps its count; an
+    explicit ``torch_threads=`` wins over the file."""
+    import json
+    import shutil
+
+    from rl import Policy
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "cotune.json").write_text(json.dumps({"engine": {"torch_threads": 1}}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for policy, expected in ((Policy.from_pretrained(folder), 1),
+                                 (Policy.from_pretrained(folder, torch_threads=2), 2)):
+            seen = []
+            policy.model.get_base_model().register_forward_hook(lambda *_, seen=seen: seen.append(torch.get_num_threads()))
+            _ask(policy, "What is the last digit of 12?", temperature=0.0, max_tokens=4)
+            assert seen and set(seen) == {expected}
+            assert torch.get_num_threads() == 3  # the caller's own count is untouched
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_engine_counts_calls_and_tokens(fresh_policy):
     before = fresh_policy.engine.stats()
     response = _ask(fresh_policy, "What is the last digit of 123?", temperature=0.0, max_tokens=30)
