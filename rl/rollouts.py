@@ -146,7 +146,7 @@ def run_rollouts(
     # (open recordings, callbacks, ...) into them, as DSPy's own ParallelExecutor does.
     parent = dict(thread_local_overrides.get())
 
-    def run(job: tuple[int, int]) -> Rollout:
+    def run(job: tuple[int, int], finished: Callable[[], None]) -> Rollout:
         i, g = job
         example = examples[i]
         rollout = Rollout(example_index=first_index + i, sample=g, example=example, prediction=dspy.Prediction())
@@ -157,7 +157,7 @@ def run_rollouts(
             except Exception as exc:  # noqa: BLE001 - a failed run is data, not a crash
                 rollout.prediction, rollout.error = _failed_prediction(exc)
             finally:
-                done()
+                finished()  # the program makes no more calls; the metric below makes none on the policy
             trace = list(dspy.settings.trace or [])
         rollout.calls = calls
         if rollout.error is not None:
@@ -167,18 +167,41 @@ def run_rollouts(
             rollout.reward, rollout.components, rollout.feedback = score.value, score.components, score.feedback
         return rollout
 
+    # Each worker plays rollouts one after another, taking the next as soon as its program returns. Every worker is
+    # declared to a batching engine as one caller (done when it takes no more rollouts), so each engine batch holds
+    # one call from every worker still playing, whatever time each worker's Python work between calls takes; an
+    # undeclared worker would leave batching to a timing window, which splits them.
+    results: list[Rollout | None] = [None] * len(jobs)
+    pending = iter(range(len(jobs)))
+    take_lock = threading.Lock()
+
+    def take() -> int | None:
+        with take_lock:
+            return next(pending, None)
+
+    def worker(done: Callable[[], None]) -> None:
+        following = [take()]
+
+        def finished() -> None:
+            following[0] = take()
+            if following[0] is None:
+                done()
+
+        if following[0] is None:
+            done()
+        while following[0] is not None:
+            k = following[0]
+            results[k] = run(jobs[k], finished)
+
     workers = max(1, min(num_threads, len(jobs)))
-    # All rollouts are declared to a batching engine up front, so their calls are generated together; when the
-    # pool is smaller than the batch, not all of them can be waiting at once, so none are declared.
     clients = getattr(getattr(lm, "_engine_spec", None), "clients", None)
-    if clients is not None and workers == len(jobs):
-        declared = clients(len(jobs))
-    else:
-        declared = contextlib.nullcontext(lambda: None)
+    declared = clients(workers) if clients is not None else contextlib.nullcontext(lambda: None)
     with declared as done:
         if workers == 1:
-            return [run(job) for job in jobs]
-        if threads is not None:
-            return list(threads.pool(workers).map(run, jobs))
-        with RolloutThreads() as own:
-            return list(own.pool(workers).map(run, jobs))
+            worker(done)
+        else:
+            with contextlib.ExitStack() as stack:
+                pool = (threads or stack.enter_context(RolloutThreads())).pool(workers)
+                for future in [pool.submit(worker, done) for _ in range(workers)]:
+                    future.result()
+    return results  # type: ignore[return-value]  # every index was played

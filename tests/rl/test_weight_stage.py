@@ -356,3 +356,28 @@ def test_rollout_threads_are_stopped_when_their_owner_closes(tiny_policy):
     assert len(rollout_threads()) == before
     with pytest.raises(RuntimeError, match="closed"):
         threads.pool(4)
+
+
+class SlowThenAsk(dspy.Module):
+    """Python work of a different length before each call (a tool, a parser), then one call."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        import time
+
+        time.sleep(0.02 * (len(question) % 4))  # 0-60 ms, by question: longer than the engine's 15 ms window
+        return self.step(question=question)
+
+
+def test_rollout_workers_are_batched_together_even_when_their_python_work_takes_different_times(fresh_policy):
+    """More rollouts than threads: each worker is declared to the engine as one caller, so every batch holds one call
+    from each worker still playing, however long the Python work between calls takes."""
+    lm = fresh_policy.lm(temperature=1.0, max_tokens=8, cache=False)
+    examples = last_digit.load("train", 6)
+    rollouts = run_rollouts(SlowThenAsk(), examples, lm, last_digit.correct, num_generations=2, num_threads=4)
+    assert [(r.example_index, r.sample) for r in rollouts] == [(i, g) for i in range(6) for g in range(2)]
+    assert all(len(r.calls) == 1 for r in rollouts)
+    assert list(fresh_policy.engine.batch_sizes) == [4, 4, 4]
