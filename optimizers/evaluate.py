@@ -1,8 +1,8 @@
-"""Evaluation of a program on the valset after every stage, with ``dspy.Evaluate`` (threads), and the up-front
+"""Evaluation of a program on the valset after every stage (threads, batched by the engine), and the up-front
 check that the model can produce the program's fields at all.
 
-Why a wrapper: ``dspy.Evaluate`` returns one float per example and turns a metric that raises into a silent
-0. We need the rubric's per-component means (for logging), the gold metric on the *same* predictions (for
+Why not ``dspy.Evaluate``: it returns one float per example, turns a metric that raises into a silent 0, and leaves
+batching to a timing window (see :func:`evaluate`). We need the rubric's per-component means (for logging), the gold metric on the *same* predictions (for
 the reward-hacking guard), and a clear error when the metric is broken rather than a quietly low score.
 
 Why the parse check (:func:`check_parses`): a model that never produces a program's output fields (the embedded
@@ -22,7 +22,8 @@ from typing import Any
 
 import dspy
 
-from metrics import MetricError, Rubric, call_metric
+from metrics import MetricError, Rubric, Score, call_metric
+from rl.rollouts import run_rollouts
 
 
 @dataclass
@@ -77,43 +78,40 @@ def check_parses(program: dspy.Module, examples: Sequence[dspy.Example], lm: dsp
 
 
 def evaluate(program: dspy.Module, valset: Sequence[dspy.Example], rubric: Rubric, lm: dspy.LM, *,
-             gold_metric: Callable[..., Any] | None = None, num_threads: int = 16,
-             progress: bool = False) -> Evaluation:
+             gold_metric: Callable[..., Any] | None = None, num_threads: int = 16) -> Evaluation:
     """Score ``program`` on ``valset`` with ``rubric`` at the LM's settings (temperature 0 for the outer loop).
 
     A run that fails to parse scores 0 and is counted in ``errors``; a metric that raises or returns NaN raises
     :class:`MetricError`.
+
+    The runs go through :func:`rl.run_rollouts` (one per example), not ``dspy.Evaluate``: its worker threads are
+    declared to a batching engine, so the valset is generated in the same batches in every run on every machine.
+    Under ``dspy.Evaluate`` a timing window decides which calls share a batch, and a different padding width can
+    flip a greedy token, so the same adapter scored differently from run to run and the best stage could change.
     """
-    scores: dict[int, Any] = {}
     problems: list[str] = []
     lock = threading.Lock()
 
-    def metric(example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> float:
+    def metric(example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> Any:
         try:
-            score = call_metric(rubric, example, prediction, trace)
+            return call_metric(rubric, example, prediction, trace)
         except MetricError as exc:  # reported below, after the whole valset, with the count
             with lock:
                 problems.append(str(exc))
             return 0.0
-        with lock:
-            scores[id(example)] = score
-        return score.value
 
-    evaluator = dspy.Evaluate(devset=list(valset), metric=metric, num_threads=num_threads,
-                              display_progress=progress, max_errors=len(valset) + 1, failure_score=0.0,
-                              provide_traceback=False)
-    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
-        result = evaluator(program)
+    runs = run_rollouts(program, list(valset), lm, metric, 1, num_threads=num_threads, tag="evaluate")
     if problems:
         raise MetricError(f"the metric failed on {len(problems)} of {len(valset)} valset examples, first: "
                           f"{problems[0]}; fix the metric (it must return a finite number or a Score)")
 
     components: dict[str, list[float]] = defaultdict(list)
     values, gold_values, rows, errors, results = [], [], [], 0, []
-    for example, prediction, _ in result.results:
-        score = scores.get(id(example))
+    for run in runs:
+        example, prediction = run.example, run.prediction
+        score = None if run.error is not None else Score(run.reward, run.components, run.feedback)
         results.append((example, prediction, score))
-        if score is None:  # the program raised (e.g. a parse failure): Evaluate's failure score
+        if score is None:  # the program raised (e.g. a parse failure)
             errors += 1
             values.append(0.0)
         else:

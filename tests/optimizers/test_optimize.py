@@ -400,3 +400,31 @@ def test_gold_metric_is_scored_per_stage_and_divergence_raises_an_alert(tiny_pol
     assert stage.events and "reward hacking" in stage.events[0]
     manifest = json.loads((tmp_path / "run" / "best" / "manifest.json").read_text())
     assert manifest["gold_scores"]["1-p"] == stage.gold_score
+
+
+class _PausesThenAnswers(dspy.Module):
+    """Some Python work whose length depends on the question (as a tool's would), then one call."""
+
+    def __init__(self):
+        super().__init__()
+        self.answer = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        import time
+
+        time.sleep(0.015 * (sum(map(ord, question)) % 5))  # 0-60 ms: longer than the engine's 15 ms window
+        return self.answer(question=question)
+
+
+def test_valset_scoring_batches_one_call_per_worker_whatever_the_timing(fresh_policy):
+    """The outer loop's evaluation runs on declared rollout workers, so every engine batch holds one call from each
+    worker (a timing window split them, and the padding of a different batch can flip a greedy token)."""
+    from optimizers.evaluate import evaluate
+
+    lm = fresh_policy.lm(temperature=0.0, max_tokens=16, cache=False)
+    val = last_digit.load("val", 12, seed=SEED)
+    first = evaluate(_PausesThenAnswers(), val, as_rubric(last_digit.correct), lm, num_threads=4)
+    assert list(fresh_policy.engine.batch_sizes) == [4, 4, 4]
+    again = evaluate(_PausesThenAnswers(), val, as_rubric(last_digit.correct), lm, num_threads=4)
+    assert again.rows == first.rows and first.errors == 0 and [r["inputs"] for r in first.rows] == [
+        dict(x.inputs()) for x in val]
