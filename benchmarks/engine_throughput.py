@@ -21,6 +21,7 @@ import logging
 import statistics
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 import dspy
 import torch
@@ -31,7 +32,25 @@ from programs.tasks import last_digit
 from rl import Policy, recording
 
 
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block on ``n`` torch threads (``None``: unchanged): the raw side runs on the engine's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def raw_generate(policy, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[dict[str, int], float]:
+    """The prompts in left-padded batches of ``batch`` through ``model.generate``, greedy, on as many torch threads
+    as the engine generates on (equal work: the engine's worker sets its own count)."""
+    with torch_threads(getattr(policy.engine, "torch_threads", None)):
+        return _raw_generate(policy, prompts, batch, max_tokens)
+
+
+def _raw_generate(policy, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[dict[str, int], float]:
     tok = policy.tokenizer
     eos = set(policy.eos_token_ids)
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=policy.eos_token_ids,
@@ -116,15 +135,19 @@ def alternate(sides: dict, rounds: int) -> tuple[dict[str, list[float]], dict[st
 
 def report(rates: dict[str, list[float]], work: dict[str, Counter], rounds: int, labels: dict[str, str],
            target: str = "") -> None:
-    """Per side: the work of a round and tokens/s median [min..max]; then the ratio engine / raw."""
+    """Per side: the work of a round and tokens/s median [min..max]; then each other side's ratio to raw."""
     for name, label in labels.items():
         w, values = {k: v / rounds for k, v in work[name].items()}, rates[name]
         print(f"{label:<30} work per round: {w['rows']:.0f} rows, {w['prompt_tokens']:.0f} prompt tok, "
               f"{w['tokens_generated']:.0f} tok generated | {statistics.median(values):.0f} tok/s "
               f"[{min(values):.0f}..{max(values):.0f}]")
-    per_round = [b / a for a, b in zip(rates["raw"], rates["engine"])]
-    ratio = statistics.median(rates["engine"]) / statistics.median(rates["raw"])
-    print(f"ratio (b)/(a) = {ratio:.2f}   (per round: {', '.join(f'{x:.2f}' for x in per_round)}){target}")
+    for name in labels:
+        if name == "raw":
+            continue
+        per_round = [b / a for a, b in zip(rates["raw"], rates[name])]
+        ratio = statistics.median(rates[name]) / statistics.median(rates["raw"])
+        print(f"ratio {labels[name][:3]}/{labels['raw'][:3]} = {ratio:.2f}   "
+              f"(per round: {', '.join(f'{x:.2f}' for x in per_round)}){target if name == 'engine' else ''}")
 
 if __name__ == "__main__":
     main()
