@@ -8,8 +8,12 @@ Public API:
         ``rl.self_train.self_train`` (not re-exported here: the name would hide the module ``rl.self_train``).
     VLLMServer, VLLMEngine: generation on a vLLM server (``Policy.from_pretrained(..., engine="vllm")``); vllm
         itself runs in its own process and is never imported here.
+
+Importing ``rl`` makes the tracebacks DSPy shows an LM for a failed tool call name files relative to their
+``sys.path`` entry, so prompts do not depend on the install folder (``rl/dspy_seam.py``).
 """
 
+from rl import dspy_seam
 from rl.config import SelfTrainConfig, WeightStageConfig
 from rl.errors import CotuneRLError, EngineError, ModelNotFoundError, StageConfigError, UnsafeModelError
 from rl.policy import LoraSettings, Policy, PolicyLM
@@ -45,3 +49,5 @@ __all__ = [
     "run_rollouts",
     "train_weights",
 ]
+
+dspy_seam.install()  # tool-error tracebacks shown to the LM name no install folder (rl/dspy_seam.py)
