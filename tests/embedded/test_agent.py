@@ -106,7 +106,7 @@ def test_a_rebuild_of_the_agent_from_the_recipe_lands_in_the_band(tmp_path, monk
     assert agent.agent_band_problems(agent.measure_agent_band(path)) == []
 
 
-RL_BUDGET = 2000  # episodes (G=4 x 4 questions per step, cotune.json): 9-11 min on 2 cores (CI, 2026-11-30)
+RL_BUDGET = 2000  # episodes (G=4 x 4 questions per step, cotune.json): the w stage took 7.0-7.2 min in CI, 2026-12-01
 
 
 @pytest.mark.slow
