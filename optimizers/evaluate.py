@@ -2,8 +2,9 @@
 check that the model can produce the program's fields at all.
 
 Why not ``dspy.Evaluate``: it returns one float per example, turns a metric that raises into a silent 0, and leaves
-batching to a timing window (see :func:`evaluate`). We need the rubric's per-component means (for logging), the gold metric on the *same* predictions (for
-the reward-hacking guard), and a clear error when the metric is broken rather than a quietly low score.
+batching to a timing window (see :func:`evaluate`). We need the rubric's per-component means (for logging), the gold
+metric on the *same* predictions (for the reward-hacking guard), and a clear error when the metric is broken rather
+than a quietly low score.
 
 Why the parse check (:func:`check_parses`): a model that never produces a program's output fields (the embedded
 tiny model only knows ``question -> answer``: ``Predict("text -> digit")`` parses 0 of 100) makes every stage
