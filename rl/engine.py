@@ -56,6 +56,9 @@ class _Job(Sampling):
     future: Future = field(default_factory=Future)
 
 
+_WAKE = object()  # queued by a declared caller's done(): wakes the worker to re-count the callers it waits for
+
+
 @dataclass
 class _Result:
     prompt_ids: list[int]
@@ -192,7 +195,7 @@ class BatchedEngine(PolicyEngine):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.batch_sizes: deque[int] = deque(maxlen=history_size)
-        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._queue: queue.Queue[_Job | object] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._clients = 0
@@ -207,9 +210,10 @@ class BatchedEngine(PolicyEngine):
         """Declare ``n`` concurrent callers (e.g. the rollouts of one step) for the duration of the block.
 
         Yields a ``done()`` callable each caller invokes when it will make no more requests. While declared
-        callers remain, the worker waits (up to ``client_wait_ms``) until that many requests are queued before
-        generating, so G x B rollouts that start together are generated as one batch instead of being split by
-        the few milliseconds DSPy takes to format each prompt.
+        callers remain, the worker waits (up to ``client_wait_ms``) until one request from each caller still
+        declared is queued before generating, so G x B rollouts that start together are generated as one batch
+        instead of being split by the few milliseconds DSPy takes to format each prompt. ``done()`` wakes the
+        worker, so a caller that finishes while the others' requests wait ends the wait at once.
         """
         remaining = [n]
         with self._clients_lock:
@@ -217,16 +221,20 @@ class BatchedEngine(PolicyEngine):
 
         def done() -> None:
             with self._clients_lock:
-                if remaining[0] > 0:
-                    remaining[0] -= 1
-                    self._clients -= 1
+                if remaining[0] == 0:
+                    return
+                remaining[0] -= 1
+                self._clients -= 1
+            self._queue.put(_WAKE)  # a worker waiting for this caller's request stops waiting
 
         try:
             yield done
         finally:
             with self._clients_lock:
-                self._clients -= remaining[0]
-                remaining[0] = 0
+                left, remaining[0] = remaining[0], 0
+                self._clients -= left
+            if left:
+                self._queue.put(_WAKE)
 
     # --- generation (PolicyEngine.complete does the rest) -------------------------------------------
 
@@ -255,18 +263,25 @@ class BatchedEngine(PolicyEngine):
             torch.set_num_threads(self.torch_threads)  # this worker thread's own count: see the module docstring
         recent: deque[int] = deque([1], maxlen=2)
         while True:
-            jobs = [self._queue.get()]
-            # Concurrent callers (k DSPy threads) come back together after each batch, a few ms apart. Wait for as
-            # many as the recent batches held (they are likely on their way), but never longer than max_wait.
-            clients = self._clients
-            expected = min(self.max_batch_size, clients or max(recent))
-            deadline = time.monotonic() + (self.client_wait_s if clients else self.max_wait_s)
+            first = self._queue.get()
+            if first is _WAKE:
+                continue
+            jobs = [first]
+            # Declared callers: wait for one request from each caller still declared, re-read whenever one is done
+            # (done() queues a wake-up), so a caller that finished never holds the batch back. Undeclared callers
+            # (k DSPy threads) come back together after each batch, a few ms apart: wait for as many as the recent
+            # batches held (they are likely on their way), but never longer than max_wait.
+            declared = self._clients > 0
+            deadline = time.monotonic() + (self.client_wait_s if declared else self.max_wait_s)
             while len(jobs) < self.max_batch_size:
+                expected = min(self.max_batch_size, self._clients if declared else max(recent))
                 timeout = deadline - time.monotonic() if len(jobs) < expected else 0.0
                 try:
-                    jobs.append(self._queue.get(timeout=max(0.0, timeout)) if timeout > 0 else self._queue.get_nowait())
+                    job = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if job is not _WAKE:
+                    jobs.append(job)
             recent.append(len(jobs))
             jobs = self._refuse_overlong(jobs)
             if not jobs:

@@ -136,6 +136,24 @@ def test_engine_counts_calls_and_tokens(fresh_policy):
     assert after["output_tokens"] - before["output_tokens"] == response.usage.output_tokens > 0
 
 
+def test_a_declared_caller_that_finishes_ends_the_wait_for_its_request(fresh_policy):
+    """Two declared callers: one asks, the other finishes without asking while the worker waits for it. The one
+    request is generated at once, not after ``client_wait_ms`` (an hour here; it was 250 ms at the end of every
+    rollout, a quarter of the agent benchmark's engine time, before ``done()`` woke the worker)."""
+    engine = fresh_policy.engine
+    engine.client_wait_s = 3600.0
+    answers = []
+    with engine.clients(2) as done:
+        asker = threading.Thread(daemon=True, target=lambda: answers.append(
+            _ask(fresh_policy, "What is the last digit of 123?", temperature=0.0, max_tokens=4)))
+        asker.start()
+        threading.Event().wait(0.5)  # the worker has the request and waits for the second caller's
+        done()  # the second caller will make none
+        asker.join(timeout=120)
+    assert answers and answers[0].usage.output_tokens == 4
+    assert list(engine.batch_sizes) == [1]
+
+
 def test_max_tokens_and_stop_strings(tiny_policy):
     short = _ask(tiny_policy, "What is the last digit of 123?", temperature=0.0, max_tokens=2)
     assert short.finish_reason == "length" and short.usage.output_tokens == 2
