@@ -14,6 +14,7 @@ Importing ``rl`` makes the tracebacks DSPy shows an LM for a failed tool call na
 """
 
 from rl import dspy_seam
+from rl.checkpoint import CheckpointError, CheckpointsExistError
 from rl.config import SelfTrainConfig, WeightStageConfig
 from rl.errors import CotuneRLError, EngineError, ModelNotFoundError, StageConfigError, UnsafeModelError
 from rl.policy import LoraSettings, Policy, PolicyLM
@@ -25,6 +26,8 @@ from rl.vllm_server import VLLMNotInstalledError, VLLMServer, VLLMServerError
 from rl.weight_stage import TrainsetError, WeightStageResult, train_weights
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointsExistError",
     "CotuneRLError",
     "EngineError",
     "LMCall",

@@ -47,6 +47,26 @@ class CheckpointError(CotuneRLError, ValueError):
     """A checkpoint is incomplete or corrupt (a file is missing, truncated or does not match its checksum)."""
 
 
+class CheckpointsExistError(CotuneRLError, FileExistsError):
+    """A weight stage that does not resume was given a folder holding an earlier run's checkpoints.
+
+    Why refuse: the new run would write its own ``step-*`` beside them, and pruning keeps only the highest step
+    numbers, so the new checkpoints would be deleted as they are written (or the old ones replaced), and a later
+    resume would continue whichever run happens to hold the highest step.
+    """
+
+
+def refuse_earlier_checkpoints(root: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointsExistError` when ``root`` holds checkpoints; nothing there is read or changed."""
+    root = Path(root)
+    earlier = sorted(p.name for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+    if earlier:
+        raise CheckpointsExistError(
+            f"{str(root)!r} already holds {len(earlier)} checkpoint(s) of an earlier run (latest {earlier[-1]}): "
+            "pass resume=True to continue that run, or another output_dir to start a new one; nothing there was "
+            "changed")
+
+
 def _step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
 

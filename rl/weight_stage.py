@@ -45,7 +45,7 @@ import dspy
 
 from rl import distributed
 from rl.advantages import AdvantageStats, compute_advantages, flat_examples, predictor_namer
-from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.checkpoint import latest_checkpoint, load_checkpoint, refuse_earlier_checkpoints, save_checkpoint
 from rl.config import WeightStageConfig
 from rl.errors import CotuneRLError
 from rl.grpo import GRPOUpdater
@@ -207,7 +207,8 @@ def train_weights(
         policy: the :class:`rl.Policy` to train in place; its version advances after every update.
         config: settings; the budget is ``config.max_rollouts`` program executions.
         output_dir: where checkpoints go (``<output_dir>/checkpoints``); required for checkpointing and resume.
-        resume: continue from the latest checkpoint in ``output_dir``.
+        resume: continue from the latest checkpoint in ``output_dir``. Without it, an ``output_dir`` that holds
+            checkpoints is refused (:class:`rl.checkpoint.CheckpointsExistError`), never written over.
         callbacks: called with each step's metrics dict (under several processes: on every rank, with the same
             dict; a callback that logs somewhere should check ``rl.distributed.is_main_process()``).
         monitors: called with (step, rollouts) after each step; the events they return (e.g. reward-hacking or
@@ -221,6 +222,7 @@ def train_weights(
 
     Raises:
         TrainsetError: empty trainset or examples without inputs.
+        rl.CheckpointsExistError: ``output_dir`` holds checkpoints and ``resume`` is off.
         metrics.MetricError: the metric raised or returned NaN (the example is named).
         ValueError: under several processes, fewer ``examples_per_step`` than processes.
     """
@@ -231,6 +233,8 @@ def train_weights(
     if resume and output_dir is None:
         raise ValueError("resume=True needs the output_dir that holds the checkpoints")
     ckpt_root = Path(output_dir) / "checkpoints" if output_dir is not None else None
+    if ckpt_root is not None and not resume:
+        refuse_earlier_checkpoints(ckpt_root)
 
     total_steps = config.max_steps
     updater = GRPOUpdater(policy, config, total_steps)

@@ -18,7 +18,15 @@ from safetensors.torch import load_file
 
 from metrics import MetricError
 from programs.tasks import last_digit
-from rl import LoraSettings, Policy, TrainsetError, WeightStageConfig, recording, train_weights
+from rl import (
+    CheckpointsExistError,
+    LoraSettings,
+    Policy,
+    TrainsetError,
+    WeightStageConfig,
+    recording,
+    train_weights,
+)
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.grpo import GRPOUpdater
 from rl.rollouts import run_rollouts
@@ -232,6 +240,25 @@ def test_checkpoint_round_trip_is_bit_exact(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
     updater.close()
     other_updater.close()
+
+
+def test_a_second_run_into_a_folder_with_checkpoints_is_refused_and_changes_nothing(tiny_model_dir, tmp_path):
+    """Without ``resume``, a folder holding checkpoints is refused before any rollout. It used to be written: the
+    new run's checkpoints replaced the earlier run's of the same step and were pruned beside its later ones."""
+    config = WeightStageConfig(**SMALL, max_rollouts=64, checkpoint_every=1)
+    program, train = last_digit.predict_program(), last_digit.load("train", 20)
+    train_weights(program, train, last_digit.correct, Policy.from_pretrained(tiny_model_dir), config,
+                  output_dir=tmp_path, progress=False, stop_after_steps=2)
+    files = {p: p.read_bytes() for p in sorted((tmp_path / "checkpoints").rglob("*")) if p.is_file()}
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-000001", "step-000002"]
+    policy = Policy.from_pretrained(tiny_model_dir)
+    with pytest.raises(CheckpointsExistError, match=r"2 checkpoint\(s\) .*latest step-000002.*resume=True"):
+        train_weights(program, train, last_digit.correct, policy, config, output_dir=tmp_path, progress=False)
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "checkpoints").rglob("*")) if p.is_file()} == files
+    assert policy.engine.counters["calls"] == 0  # refused before any rollout
+    resumed = train_weights(program, train, last_digit.correct, policy, config, output_dir=tmp_path, resume=True,
+                            progress=False, stop_after_steps=1)
+    assert resumed.resumed_from == 2
 
 
 def _capture_gradients(updater) -> dict:
