@@ -106,7 +106,7 @@ def test_a_rebuild_of_the_agent_from_the_recipe_lands_in_the_band(tmp_path, monk
     assert agent.agent_band_problems(agent.measure_agent_band(path)) == []
 
 
-RL_BUDGET = 2000  # episodes (G=4 x 4 questions per step, cotune.json): the w stage took 7.0-7.2 min in CI, 2026-12-01
+RL_BUDGET = 2000  # episodes (G=4 x 4 questions per step, cotune.json): each test took 5.8-6.8 min in CI, 2026-12-01
 
 
 @pytest.mark.slow

@@ -249,12 +249,15 @@ def test_a_second_run_into_a_folder_with_checkpoints_is_refused_and_changes_noth
     program, train = last_digit.predict_program(), last_digit.load("train", 20)
     train_weights(program, train, last_digit.correct, Policy.from_pretrained(tiny_model_dir), config,
                   output_dir=tmp_path, progress=False, stop_after_steps=2)
-    files = {p: p.read_bytes() for p in sorted((tmp_path / "checkpoints").rglob("*")) if p.is_file()}
+    def files() -> dict:
+        return {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+
+    before = files()
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-000001", "step-000002"]
     policy = Policy.from_pretrained(tiny_model_dir)
     with pytest.raises(CheckpointsExistError, match=r"2 checkpoint\(s\) .*latest step-000002.*resume=True"):
         train_weights(program, train, last_digit.correct, policy, config, output_dir=tmp_path, progress=False)
-    assert {p: p.read_bytes() for p in sorted((tmp_path / "checkpoints").rglob("*")) if p.is_file()} == files
+    assert files() == before
     assert policy.engine.counters["calls"] == 0  # refused before any rollout
     resumed = train_weights(program, train, last_digit.correct, policy, config, output_dir=tmp_path, resume=True,
                             progress=False, stop_after_steps=1)
