@@ -1,8 +1,9 @@
 """Embedded models: small LMs built by our own recipes from task data, shipped as safetensors with the package.
 
-Why a package of their own: a model recipe needs both task data (``programs``) and the builder and policy (``rl``),
-while ``programs`` must run on any ``dspy.LM`` and import nothing from ``rl``. So the arrows are
-``embedded -> rl`` and ``embedded -> programs``; nothing below imports ``embedded``.
+Why a package of their own: a model recipe needs both task data (``programs``) and the policy (``rl``), while
+``programs`` must run on any ``dspy.LM`` and import nothing from ``rl``. So the arrows are ``embedded -> rl`` and
+``embedded -> programs``; nothing below imports ``embedded``. The builder that trains a model from scratch
+(``embedded.tiny_model``) lives here too: it serves only these models.
 
 - ``embedded.tiny``: the last-digit model, the default for tests, ``make demo`` and the quickstart.
 - ``embedded.agent``: the ReAct agent model of ``react_tools`` (whole episodes, an imperfect teacher).

@@ -47,11 +47,11 @@ from typing import Any
 import dspy
 
 from embedded.shipped import ship, verified
+from embedded.tiny_model import TinyModelRecipe, build_dir, build_or_load
 from programs.tasks import react_tools, world
 from programs.tasks.corpus import Passage, Retriever, read_jsonl
 from programs.tasks.splits import take
 from programs.tasks.tools import make_tools
-from rl.tiny_model import TinyModelRecipe, build_dir, build_or_load
 
 AGENT_NAME = "agent-react-tools"
 SHIPPED_DIR = Path(__file__).parent / "weights" / AGENT_NAME
@@ -172,7 +172,7 @@ class _ScriptedEngine:
     def complete(self, request):
         from dspy.lm15 import Message, Response, Usage
 
-        from rl.engine import chat_messages
+        from rl.engine_base import chat_messages
 
         if not self.script:
             raise RuntimeError("the teacher's script ran out: the episode took more calls than the teacher planned")

@@ -12,8 +12,8 @@ band as the shipped weights (:func:`band_problems`). :func:`ship_tiny_model` cop
 
 Why in ``embedded`` (not ``programs``): programs run on any ``dspy.LM`` and import nothing from ``rl``; an embedded
 model needs both the task data (``programs.tasks.last_digit``, its warm-start corpus rendered by DSPy's ChatAdapter)
-and the builder and policy (``rl.tiny_model``, ``rl.policy``), so it sits above both. This is a test and demo model,
-not a useful LM.
+and the policy (``rl.policy``), so it sits above both; the builder (``embedded.tiny_model``) lives beside it. This is a
+test and demo model, not a useful LM.
 
 Example:
     >>> from embedded import tiny_model_path
@@ -29,8 +29,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from embedded.shipped import ship, verified
+from embedded.tiny_model import TinyModelRecipe, build_or_load
 from programs.tasks import last_digit
-from rl.tiny_model import TinyModelRecipe, build_or_load
 
 TINY_NAME = "tiny-last-digit"
 WARMSTART_EXAMPLES = 20_000
@@ -86,7 +86,7 @@ def tiny_model_path(
 
 def recipe_build_dir(seed: int = SHIPPED_SEED) -> Path:
     """Where a build of the recipe lives in ``$COTUNE_CACHE`` (it may not exist yet)."""
-    from rl.tiny_model import build_dir
+    from embedded.tiny_model import build_dir
 
     recipe, _, key = _recipe(seed)
     return build_dir(TINY_NAME, recipe, key)

@@ -1,6 +1,6 @@
 """``cotune calibrate``: fit an experiment's rubric to the labels its traces carry, and keep the evidence.
 
-Why here (not in ``metrics``): the fit itself is :func:`metrics.calibrate.calibrate`, which knows nothing of
+Why here (not in ``metrics``): the fit itself is :func:`metrics.calibration.calibrate`, which knows nothing of
 MLflow. This module is the MLflow side: it reads the labels back from the experiment's traces (HUMAN feedback from
 ``cotune review`` or the MLflow UI, else whether the output matched the gold answer), writes the calibrated rubric
 as a new versioned file that an experiment YAML can name (``metric: calibrated/<experiment>-v2.json``), and logs
@@ -23,7 +23,7 @@ KIND = "calibration"  # the cotune.kind tag of the MLflow run that records a cal
 
 @dataclass
 class CalibrationOutcome:
-    """What ``cotune calibrate`` did: the fit (:class:`metrics.calibrate.Calibration`), the file it wrote, the
+    """What ``cotune calibrate`` did: the fit (:class:`metrics.calibration.Calibration`), the file it wrote, the
     MLflow run that records it, and how many labels of each source it read."""
 
     calibration: Any
@@ -52,17 +52,17 @@ def calibrate_experiment(tracking_uri: str, experiment: str, rubric: Any, *, bas
         base_metric: how the experiment file names that rubric (``rubric``, or ``package.module:name``); recorded
             in the file as ``base_metric`` so ``metric: <the file>`` rebuilds the same rubric before reweighting it.
         out_dir: where the versioned file goes.
-        seed, holdout: the held-out split (see :func:`metrics.calibrate.calibrate`).
+        seed, holdout: the held-out split (see :func:`metrics.calibration.calibrate`).
         gold: also use the gold answer as a label where no person labelled a trace.
         filter_string: MLflow trace search syntax, to calibrate on part of the traces only.
 
     Raises:
         ReviewError: no such experiment, or no trace to read.
-        metrics.calibrate.CalibrationError: too few labels, one class only, components that do not match...
+        metrics.calibration.CalibrationError: too few labels, one class only, components that do not match...
     """
     from mlflow import MlflowClient
 
-    from metrics.calibrate import calibrate
+    from metrics.calibration import calibrate
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)

@@ -68,14 +68,6 @@ class ArmSummary:
     test_gold_mean: float | None = None
     test_gold_ci: float | None = None
 
-    @property
-    def final_mean(self) -> float:
-        return self.test_mean if self.test_mean is not None else self.val_mean
-
-    @property
-    def final_ci(self) -> float:
-        return self.test_ci if self.test_mean is not None else self.val_ci
-
 
 @dataclass
 class Report:

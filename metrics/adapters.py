@@ -8,14 +8,27 @@ the same rubric can be handed to any of them, in threads or in process pools.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dspy
 
 if TYPE_CHECKING:
-    from metrics.rubric import Rubric
+    from metrics.base import Score
 
 __all__ = ["DspyMetric", "GepaMetric"]
+
+
+class _Scorer(Protocol):
+    """What an adapter wraps: a :class:`~metrics.rubric.Rubric` (a name and ``(example, pred, trace) -> Score``).
+
+    A protocol rather than ``Rubric`` itself: ``metrics.rubric`` imports this module (``Rubric.as_dspy_metric``), so
+    naming ``Rubric`` here would make the two modules import each other.
+    """
+
+    name: str
+
+    def __call__(self, example: Any, prediction: Any, trace: Any = None) -> Score:
+        ...
 
 
 class DspyMetric:
@@ -31,7 +44,7 @@ class DspyMetric:
         (1.0, False)
     """
 
-    def __init__(self, rubric: Rubric, threshold: float = 1.0) -> None:
+    def __init__(self, rubric: _Scorer, threshold: float = 1.0) -> None:
         self.rubric = rubric
         self.threshold = float(threshold)
         self.__name__ = rubric.name
@@ -60,7 +73,7 @@ class GepaMetric:
         (0.0, True)
     """
 
-    def __init__(self, rubric: Rubric) -> None:
+    def __init__(self, rubric: _Scorer) -> None:
         self.rubric = rubric
         self.__name__ = rubric.name
 

@@ -16,7 +16,6 @@ Conventions documented here (other packages rely on them):
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ __all__ = [
     "MISSING",
     "Component",
     "ComponentResult",
+    "GuardEvent",
     "Score",
     "coerce_result",
     "get_field",
@@ -111,6 +111,27 @@ class Score:
 
     def __float__(self) -> float:
         return float(self.value)
+
+
+@dataclass(frozen=True)
+class GuardEvent:
+    """Something a guard (:mod:`metrics.guards`) noticed.
+
+    Here, not in :mod:`metrics.guards`, because :class:`~metrics.errors.RewardHackingError` carries one and the
+    guards raise that error: both import it downward from this leaf.
+
+    Attributes:
+        kind: What was seen, e.g. ``"gold_divergence"``, ``"repetition"``, ``"length"``, ``"length_growth"``,
+            ``"one_component_rise"``, ``"canary_moved"``.
+        step: The stage name or step number it was seen at.
+        message: One human-readable sentence.
+        data: The numbers behind it (for logging).
+    """
+
+    kind: str
+    step: int | str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -217,13 +238,6 @@ def short_repr(example: Any, limit: int = 120) -> str:
         parts.append(f"{key}={text}")
     out = "{" + ", ".join(parts) + "}"
     return out if len(out) <= limit else out[: limit - 4] + "...}"
-
-
-def clip_unit(value: float) -> float:
-    """Clip a float to ``[0, 1]`` (NaN stays NaN)."""
-    if math.isnan(value):
-        return value
-    return min(1.0, max(0.0, value))
 
 
 def truncate(text: Any, limit: int = 80) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from metrics.guards import GuardEvent
+    from metrics.base import GuardEvent
 
 __all__ = [
     "ComponentError",

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
+from metrics.base import GuardEvent  # defined in base so errors.RewardHackingError can carry one
 from metrics.errors import RewardHackingError, RewardHackingWarning, RubricConfigError
 
 __all__ = ["ComponentTrends", "DegeneracyMonitor", "GoldGuard", "GuardEvent"]
@@ -27,24 +27,6 @@ __all__ = ["ComponentTrends", "DegeneracyMonitor", "GoldGuard", "GuardEvent"]
 logger = logging.getLogger(__name__)
 
 _EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class GuardEvent:
-    """Something a guard noticed.
-
-    Attributes:
-        kind: What was seen, e.g. ``"gold_divergence"``, ``"repetition"``, ``"length"``, ``"length_growth"``,
-            ``"one_component_rise"``, ``"canary_moved"``.
-        step: The stage name or step number it was seen at.
-        message: One human-readable sentence.
-        data: The numbers behind it (for logging).
-    """
-
-    kind: str
-    step: int | str
-    message: str
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 class GoldGuard:

@@ -1,4 +1,4 @@
-"""Tests for metrics.calibrate: rubric weights fitted to labels that reject what one component rewards.
+"""Tests for metrics.calibration: rubric weights fitted to labels that reject what one component rewards.
 
 The case: arithmetic answers scored by correctness (the number in the answer), format (an answer at all) and a
 ``length`` component that rewards long answers. Reviewers pass short correct answers and fail long ones, so the
@@ -14,7 +14,7 @@ import pytest
 from dspy.utils import DummyLM
 
 from metrics import Custom, FormatValidity, GoldGuard, LMJudge, NumericMatch, Rubric
-from metrics.calibrate import (
+from metrics.calibration import (
     FORMAT_VERSION,
     CalibrationFileError,
     ComponentMismatchError,

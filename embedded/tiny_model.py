@@ -17,6 +17,9 @@ Design choices (measured when the builder was written):
   tokenize prompts with the very chat template the engine uses (``apply_chat_template``), with loss on
   the assistant tokens only. It is a model *build* step, not a user-facing trainer.
 
+Why in ``embedded`` (not ``rl``): only the embedded models (``embedded.tiny``, ``embedded.agent``) are built from
+scratch; ``rl`` trains adapters on any model and never needs to build one.
+
 The output folder is addressed by a hash of the recipe, a description of the training data and the library
 versions that shape the rendering, so a changed recipe rebuilds and an unchanged one is reused.
 """
@@ -190,7 +193,7 @@ def build_tiny_model(
     Returns:
         The path of the saved model folder.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if not conversations:
         raise ValueError("build_tiny_model needs at least one conversation")
@@ -206,21 +209,7 @@ def build_tiny_model(
     encoded = [_encode(tokenizer, conv) for conv in conversations]
     curriculum = list(range(len(conversations) - len(first), len(conversations)))  # indices of `first`
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_layers,
-        num_attention_heads=recipe.num_heads,
-        num_key_value_heads=recipe.num_kv_heads,
-        max_position_embeddings=recipe.max_positions,
-        tie_word_embeddings=True,
-        attention_bias=True,  # as Qwen2: a q/k bias lets RoPE form pure relative-position heads (copying)
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(_model_config(recipe, tokenizer))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
 
@@ -240,16 +229,7 @@ def build_tiny_model(
             pool = curriculum if step < recipe.first_steps else range(len(encoded))
             batches = [[pool[i] for i in b] for b in _length_bucketed_batches(
                 [lengths[i] for i in pool], recipe.batch_size, generator)]
-        batch = [encoded[i] for i in batches.pop()]
-        width = max(len(p) + len(c) for p, c in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (p, c) in enumerate(batch):
-            ids = p + c
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, len(p) : len(ids)] = torch.tensor(c)
-            mask[row, : len(ids)] = 1
+        input_ids, labels, mask = _pad_batch([encoded[i] for i in batches.pop()], tokenizer.pad_token_id)
         if recipe.prompt_loss_weight:
             loss, objective = _losses(model(input_ids=input_ids, attention_mask=mask).logits, input_ids, labels,
                                       mask, recipe.prompt_loss_weight)
@@ -270,6 +250,42 @@ def build_tiny_model(
         tokenizer.save_pretrained(tmp)
         _check_tokenizer_round_trip(tokenizer, tmp, conversations[:50])
     return out_dir
+
+
+def _model_config(recipe: TinyModelRecipe, tokenizer):
+    """The Llama architecture of ``recipe``, with ``tokenizer``'s vocabulary and special tokens."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True,
+        attention_bias=True,  # as Qwen2: a q/k bias lets RoPE form pure relative-position heads (copying)
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _pad_batch(batch: Sequence[tuple[list[int], list[int]]],
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels, mask)`` of ``(prompt, completion)`` pairs, right-padded to the longest; only the
+    completion tokens are labels (-100 elsewhere)."""
+    width = max(len(p) + len(c) for p, c in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (p, c) in enumerate(batch):
+        ids = p + c
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, len(p) : len(ids)] = torch.tensor(c)
+        mask[row, : len(ids)] = 1
+    return input_ids, labels, mask
 
 
 def _losses(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 from safetensors.torch import load_file
 
+from embedded.tiny_model import TinyModelRecipe, build_or_load, recipe_key
 from programs.tasks import last_digit
-from rl.tiny_model import TinyModelRecipe, build_or_load, recipe_key
 
 SMALL = TinyModelRecipe(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                         num_kv_heads=1, steps=3, batch_size=8)
@@ -73,7 +73,7 @@ def test_warmstart_corpus_is_rendered_by_dspy_and_uses_train_numbers_only(corpus
 
 
 def test_empty_corpus_is_refused(tmp_path):
-    from rl.tiny_model import build_tiny_model
+    from embedded.tiny_model import build_tiny_model
 
     with pytest.raises(ValueError, match="at least one conversation"):
         build_tiny_model([], tmp_path / "x", SMALL)
@@ -84,7 +84,7 @@ def test_prompt_loss_weight_adds_prompt_tokens_to_the_objective_and_reports_the_
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rl.tiny_model import _losses
+    from embedded.tiny_model import _losses
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -106,7 +106,7 @@ def test_prompt_loss_weight_adds_prompt_tokens_to_the_objective_and_reports_the_
 
 def test_a_curriculum_trains_on_the_first_conversations_alone_then_on_everything(corpus, tmp_path, monkeypatch):
     """``first_steps`` batches come from ``first`` only; the later ones from the whole corpus, ``first`` included."""
-    import rl.tiny_model as tiny_model
+    import embedded.tiny_model as tiny_model
 
     pools = []
     real = tiny_model._length_bucketed_batches
