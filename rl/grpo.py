@@ -7,8 +7,9 @@ turn rows into the batch dict its ``compute_loss`` consumes, accumulate gradient
 and step its optimizer and scheduler. Our loop (``rl.weight_stage``) owns the schedule and checkpoints;
 ``trainer.train()`` is never called.
 
-Every use of TRL's (and accelerate's) private internals goes through :mod:`rl.trl_seam`, which says which versions it
-was checked against; its contract test is tests/rl/test_grpo.py: the micro-batch split does not change the update
+Every use of TRL's (and transformers', accelerate's and DeepSpeed's) internals goes through :mod:`rl.trl_seam`, which
+says which versions it was checked against (the ``Trainer`` state we keep ourselves is checked by
+tests/rl/test_trl_seam.py); its contract test is tests/rl/test_grpo.py: the micro-batch split does not change the update
 (``loss_type`` dapo or grpo); with ``beta=0`` and zero advantages nothing moves; with ``beta>0`` the reference is
 TRL's own choice for a PEFT model, a frozen copy ("ref" adapter) of the adapter as it was when the updater was built,
 i.e. when the stage started (identical to the base model only while that adapter is still the fresh, identity one).
@@ -52,7 +53,7 @@ import torch
 
 from rl import distributed, trl_seam
 from rl.advantages import Row
-from rl.config import UpdaterSettings, WeightStageConfig
+from rl.config import UpdaterSettings
 from rl.errors import CotuneRLError
 from rl.policy import zero3_lora_params
 from rl.trl_seam import IS_RATIO, ROW_MEAN_LOSSES
@@ -87,12 +88,12 @@ class GRPOUpdater:
 
     Args:
         policy: the :class:`rl.policy.Policy` whose LoRA adapter is trained in place.
-        config: the :class:`rl.config.UpdaterSettings` (lr, beta, epsilon, loss type, micro-batch size, ...) a stage
-            config produces, or a ``WeightStageConfig`` (its ``updater_settings()`` are taken).
+        config: the :class:`rl.config.UpdaterSettings` (lr, beta, epsilon, loss type, micro-batch size, ...), or a
+            stage config that produces them (``WeightStageConfig``, ``SelfTrainConfig``: its ``updater_settings()``).
         total_steps: optimizer steps planned (for the lr schedule).
     """
 
-    def __init__(self, policy, config: UpdaterSettings | WeightStageConfig, total_steps: int) -> None:
+    def __init__(self, policy, config: Any, total_steps: int) -> None:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
 
@@ -186,7 +187,7 @@ class GRPOUpdater:
                 "deepspeed_zero2.yaml / deepspeed_zero3.yaml (see docs/cluster.md)")
         trainer = self.trainer
         self.model, trainer.optimizer = self.accelerator.prepare(trainer.model, trainer.optimizer)
-        trainer.model_wrapped = self.model
+        trl_seam.set_wrapped_model(trainer, self.model)
         if self.model is trainer.model or self.model.module is not self.policy.model:
             raise RuntimeError("accelerate did not wrap the policy model in DDP; gradients would not be averaged")
 
@@ -202,7 +203,7 @@ class GRPOUpdater:
         which generates a different amount on every rank, cannot run on it; generate on a vLLM server.
         """
         accelerator, trainer, config = self.accelerator, self.trainer, self.config
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds = trl_seam.deepspeed_config(accelerator)  # the live dict: what is set below is what the engine is built with
         if "optimizer" in ds or "scheduler" in ds:
             raise UnsupportedDistributedError(
                 "the DeepSpeed config names an optimizer or scheduler: remove them; the weight stage brings its own "
@@ -225,11 +226,10 @@ class GRPOUpdater:
         ds["train_batch_size"] = config.micro_batch_size * accelerator.num_processes
         ds["gradient_clipping"] = float(config.max_grad_norm)  # the engine clips (0: no clipping)
         self.model, trainer.optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
-        trainer.model_wrapped = trainer.deepspeed = self.model
+        trl_seam.set_wrapped_model(trainer, self.model, deepspeed_engine=True)
         if getattr(self.model, "module", None) is not self.policy.model:
             raise RuntimeError("accelerate did not hand the policy model to a DeepSpeed engine")
-        trainer.lr_scheduler = None
-        trainer.create_scheduler(num_training_steps=self._total_steps, optimizer=self.model.optimizer.optimizer)
+        trl_seam.rebuild_scheduler(trainer, self._total_steps, trl_seam.zero_torch_optimizer(self.model))
 
     def close(self) -> None:
         """Drop TRL's frozen reference adapter so the policy holds only its own adapter again.
@@ -243,7 +243,8 @@ class GRPOUpdater:
             else:  # a DeepSpeed engine: drop ZeRO's gradient hooks (ZeRO-3 leaves the weights partitioned)
                 self.model.destroy()
             self.accelerator.free_memory()
-            self.model = self.trainer.model_wrapped = self.trainer.model
+            self.model = self.trainer.model
+            trl_seam.set_wrapped_model(self.trainer, self.trainer.model)
         trl_seam.drop_reference_adapter(self.policy.model)
         self._workdir.cleanup()
 
@@ -345,7 +346,7 @@ class GRPOUpdater:
         trainer.lr_scheduler.step()
         self.policy.model.zero_grad(set_to_none=True)
         model.eval()
-        trainer.state.global_step += 1
+        trl_seam.advance_global_step(trainer)
         metrics = trl_seam.pop_metrics(trainer)
         metrics.update(loss=total, grad_norm=grad_norm if grad_norm is not None else float("nan"),
                        lr=float(trainer.lr_scheduler.get_last_lr()[0]))
@@ -386,7 +387,7 @@ class GRPOUpdater:
         if self.zero_stage is not None:
             optimizer = {"zero_partitions": distributed.gather_objects(optimizer)}
         return {"optimizer": optimizer, "scheduler": self.trainer.lr_scheduler.state_dict(),
-                "global_step": self.trainer.state.global_step}
+                "global_step": trl_seam.global_step(self.trainer)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         optimizer = state["optimizer"]
@@ -397,11 +398,11 @@ class GRPOUpdater:
                     f"the checkpoint holds the ZeRO optimizer partitions of {len(parts)} ranks: resume under DeepSpeed "
                     f"with {len(parts)} processes (this is {self.accelerator.num_processes}, "
                     f"{'DeepSpeed' if self.zero_stage is not None else 'not DeepSpeed'})")
-            self.trainer.optimizer.optimizer.load_state_dict(parts)  # ZeRO takes the list and picks its own rank's
+            trl_seam.load_zero_partitions(self.trainer, parts)  # ZeRO takes the list and picks its own rank's
         else:
             self.trainer.optimizer.load_state_dict(optimizer)
         self.trainer.lr_scheduler.load_state_dict(state["scheduler"])
-        self.trainer.state.global_step = int(state["global_step"])
+        trl_seam.set_global_step(self.trainer, int(state["global_step"]))
 
 
 def without_shared_padding(micro: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

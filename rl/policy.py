@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -32,8 +33,11 @@ from typing import Any
 import dspy
 import torch
 
+from rl import dspy_seam
 from rl.engine import BatchedEngine
 from rl.errors import ModelNotFoundError, StageConfigError, UnsafeModelError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,19 +86,27 @@ def resolve_model_path(path_or_name: str | os.PathLike) -> Path:
         return path
     name = str(path_or_name)
     looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    cause: Exception | None = None
     if looks_like_repo:
         try:
             from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
             # HF_HUB_CACHE is read here, at call time (huggingface_hub reads it once, at import)
             return Path(snapshot_download(name, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
-        except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
-            pass
+        except (LocalEntryNotFoundError, HFValidationError) as exc:  # not in the cache / not a hub name at all
+            cause = exc
+        except Exception as exc:  # noqa: BLE001 - a broken cache entry or hub install: no local model either
+            # Safe to go on: with local_files_only nothing was downloaded, and the error below says the model is not
+            # available offline, which is true. What went wrong is logged (and chained) so it is not hidden.
+            logger.warning("looking %r up in the local Hugging Face cache failed (%s: %s); treating it as not cached",
+                           name, type(exc).__name__, exc)
+            cause = exc
     raise ModelNotFoundError(
         f"model {name!r} is not available offline: no folder at {str(path.resolve())!r} and no snapshot in the "
         "local Hugging Face cache. Pass the path of a downloaded model folder (config.json + *.safetensors), "
         "or build the embedded test model with `cotune model build tiny`."
-    )
+    ) from cause
 
 
 def _fingerprint_folder(path: Path) -> str:
@@ -113,7 +125,7 @@ class PolicyLM(dspy.LM):
 
     @property
     def model(self) -> str:  # type: ignore[override]
-        return self._engine_spec.policy.model_string
+        return dspy_seam.engine_of(self).policy.model_string
 
     @model.setter
     def model(self, value: str) -> None:  # the string follows the policy; dspy's __init__ assigns it once

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
-from dspy.dsp.utils.settings import thread_local_overrides
 from dspy.utils.exceptions import AdapterParseError
 
 from metrics import ERROR_KEY, call_metric
+from rl import dspy_seam
 from rl.trace import LMCall, recording
 
 
@@ -144,10 +144,10 @@ def run_rollouts(
 
     # Worker threads start with DSPy's global settings only: carry the caller's dspy.context overrides
     # (open recordings, callbacks, ...) into them, as DSPy's own ParallelExecutor does.
-    parent = dict(thread_local_overrides.get())
+    parent = dspy_seam.context_overrides()
 
-    def run(job: tuple[int, int], finished: Callable[[], None]) -> Rollout:
-        i, g = job
+    def run(k: int, finished: Callable[[], None]) -> Rollout:
+        i, g = jobs[k]
         example = examples[i]
         rollout = Rollout(example_index=first_index + i, sample=g, example=example, prediction=dspy.Prediction())
         overrides = {**parent, "lm": lm, "adapter": adapter, "trace": []}
@@ -167,12 +167,21 @@ def run_rollouts(
             rollout.reward, rollout.components, rollout.feedback = score.value, score.components, score.feedback
         return rollout
 
-    # Each worker plays rollouts one after another, taking the next as soon as its program returns. Every worker is
-    # declared to a batching engine as one caller (done when it takes no more rollouts), so each engine batch holds
-    # one call from every worker still playing, whatever time each worker's Python work between calls takes; an
-    # undeclared worker would leave batching to a timing window, which splits them.
-    results: list[Rollout | None] = [None] * len(jobs)
-    pending = iter(range(len(jobs)))
+    return _play(run, len(jobs), lm, num_threads, threads)
+
+
+def _play(play: Callable[[int, Callable[[], None]], Rollout], n: int, lm: dspy.LM, num_threads: int,
+          threads: RolloutThreads | None) -> list[Rollout]:
+    """``[play(k, finished) for k in range(n)]``, played by up to ``num_threads`` workers; ``play`` calls
+    ``finished()`` once its program makes no more LM calls.
+
+    Each worker plays rollouts one after another, taking the next as soon as its program returns. Every worker is
+    declared to a batching engine as one caller (done when it takes no more rollouts), so each engine batch holds
+    one call from every worker still playing, whatever time each worker's Python work between calls takes; an
+    undeclared worker would leave batching to a timing window, which splits them.
+    """
+    results: list[Rollout | None] = [None] * n
+    pending = iter(range(n))
     take_lock = threading.Lock()
 
     def take() -> int | None:
@@ -191,10 +200,10 @@ def run_rollouts(
             done()
         while following[0] is not None:
             k = following[0]
-            results[k] = run(jobs[k], finished)
+            results[k] = play(k, finished)
 
-    workers = max(1, min(num_threads, len(jobs)))
-    clients = getattr(getattr(lm, "_engine_spec", None), "clients", None)
+    workers = max(1, min(num_threads, n))
+    clients = getattr(dspy_seam.engine_of(lm), "clients", None)
     declared = clients(workers) if clients is not None else contextlib.nullcontext(lambda: None)
     with declared as done:
         if workers == 1:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
-from dspy.dsp.utils.settings import settings
+
+from rl import dspy_seam
 
 _SETTINGS_KEY = "cotune_recorders"
 
@@ -102,7 +103,7 @@ class Recorder:
 
 def active_recorders() -> tuple[Recorder, ...]:
     """The recorders open in the calling context (innermost last)."""
-    return tuple(settings.get(_SETTINGS_KEY) or ())
+    return tuple(dspy.settings.get(_SETTINGS_KEY) or ())
 
 
 @contextmanager
@@ -123,6 +124,6 @@ def recording(tag: Any = None) -> Iterator[list[LMCall]]:
 
 def caller_info() -> tuple[Any, tuple[str, ...]]:
     """(calling predictor, module class names on the stack) from DSPy's context, in the calling thread."""
-    modules = tuple(settings.get("caller_modules") or ())
+    modules = dspy_seam.caller_modules()
     predictor = next((m for m in reversed(modules) if isinstance(m, dspy.Predict)), None)
     return predictor, tuple(type(m).__name__ for m in modules)

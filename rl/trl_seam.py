@@ -1,4 +1,4 @@
-"""Every use of TRL's, transformers' ``Trainer``'s and accelerate's private internals, in one small module.
+"""Every use of TRL's, transformers' ``Trainer``'s, accelerate's and DeepSpeed's internals, in one small module.
 
 Why: :class:`rl.grpo.GRPOUpdater` drives ``GRPOTrainer`` one step at a time on rows we generated, outside
 ``trainer.train()``, so it depends on parts of these libraries that they do not promise to keep: private methods, the
@@ -9,8 +9,9 @@ and an upgrade has one file to check.
 Checked against trl 1.16.0, transformers 5.24.0, accelerate 1.15.0, peft 0.21.2 and torch 2.13.0; ``pyproject.toml``
 pins trl to 1.16.x. The contract test is tests/rl/test_grpo.py: each private name used here exists with the
 parameters we pass, the micro-batch split leaves the update unchanged, ``beta=0`` with zero advantages moves nothing,
-and the KL reference is the adapter as it was when the stage started. To upgrade TRL: widen the pin, run that file,
-and update the versions above and :data:`CHECKED_TRL`.
+and the KL reference is the adapter as it was when the stage started; tests/rl/test_trl_seam.py checks the
+``Trainer``, accelerate and DeepSpeed state set here (one test per function, named after it). To upgrade TRL: widen
+the pin, run both files, and update the versions above and :data:`CHECKED_TRL`.
 
 What we rely on:
 
@@ -31,6 +32,14 @@ What we rely on:
   clipping.
 - ``GradientState._set_sync_gradients(flag)`` (accelerate) and ``DistributedDataParallel._remove_autograd_hooks()``
   (torch).
+- The ``Trainer`` attributes we set because we prepare the model and step outside ``Trainer.train()``:
+  ``model_wrapped`` and ``deepspeed`` (:func:`set_wrapped_model`), ``lr_scheduler`` (``create_scheduler`` builds one
+  only while it is ``None``: :func:`rebuild_scheduler`) and ``state.global_step`` (:func:`advance_global_step`).
+- accelerate builds the DeepSpeed engine from the live dict ``accelerator.state.deepspeed_plugin.deepspeed_config``
+  (:func:`deepspeed_config`); its optimizer wrapper keeps the optimizer it wraps as ``.optimizer``, and so do
+  DeepSpeed's engine (the ZeRO optimizer) and ZeRO optimizers (the torch optimizer); a ZeRO optimizer's
+  ``load_state_dict(state_dict_list)`` takes every rank's partition and loads its own (:func:`zero_torch_optimizer`,
+  :func:`load_zero_partitions`; DeepSpeed 0.19.8).
 """
 
 from __future__ import annotations
@@ -169,3 +178,59 @@ def drop_reference_adapter(model) -> None:
     if REF_ADAPTER in getattr(model, "peft_config", {}):
         model.delete_adapter(REF_ADAPTER)
         model.set_adapter("default")
+
+
+# --- Trainer state we keep, because we prepare the model and step outside Trainer.train() ---------------------------
+
+
+def set_wrapped_model(trainer: GRPOTrainer, wrapped: torch.nn.Module, *, deepspeed_engine: bool = False) -> None:
+    """Record ``wrapped`` as the trainer's outermost model, as ``Trainer`` does when it prepares the model itself.
+
+    ``Trainer.model_wrapped`` (the DDP wrapper or DeepSpeed engine; the bare model when nothing wraps it) is what its
+    save and checkpoint paths use; for a DeepSpeed engine (``deepspeed_engine``) ``Trainer.deepspeed`` is set to it too.
+    """
+    trainer.model_wrapped = wrapped
+    if deepspeed_engine:
+        trainer.deepspeed = wrapped
+
+
+def deepspeed_config(accelerator: Accelerator) -> dict:
+    """The DeepSpeed config dict accelerate builds the engine from at ``accelerator.prepare`` (the live dict: what is
+    changed in it before ``prepare`` is what the engine gets)."""
+    return accelerator.state.deepspeed_plugin.deepspeed_config
+
+
+def zero_torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under a DeepSpeed engine's ZeRO optimizer (ZeRO dropped its empty parameter groups)."""
+    return engine.optimizer.optimizer
+
+
+def rebuild_scheduler(trainer: GRPOTrainer, num_training_steps: int, optimizer: torch.optim.Optimizer) -> None:
+    """Replace the trainer's lr scheduler by a new one of its configured kind over ``optimizer``.
+
+    ``Trainer.create_scheduler`` builds a scheduler only while ``lr_scheduler`` is ``None``: it is cleared first.
+    """
+    trainer.lr_scheduler = None
+    trainer.create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+
+
+def advance_global_step(trainer: GRPOTrainer) -> None:
+    """Count one optimizer step in ``trainer.state.global_step``, as ``Trainer``'s own loop does after each step."""
+    trainer.state.global_step += 1
+
+
+def global_step(trainer: GRPOTrainer) -> int:
+    """The optimizer steps counted so far (:func:`advance_global_step`; a checkpoint restores it with
+    :func:`set_global_step`)."""
+    return trainer.state.global_step
+
+
+def set_global_step(trainer: GRPOTrainer, step: int) -> None:
+    """Set ``trainer.state.global_step`` (resuming from a checkpoint)."""
+    trainer.state.global_step = step
+
+
+def load_zero_partitions(trainer: GRPOTrainer, partitions: list) -> None:
+    """Load a ZeRO optimizer state saved as every rank's partition, in rank order: DeepSpeed's ZeRO optimizer (under
+    accelerate's wrapper) takes the whole list and loads this rank's own."""
+    trainer.optimizer.optimizer.load_state_dict(partitions)

