@@ -29,7 +29,7 @@ import dspy
 
 from metrics.references import reference_name
 from optimizers.errors import CorruptRunError, ExportTargetError, LoadError
-from rl.atomic import atomic_dir
+from rl.atomic import atomic_dir, jsonable, write_json  # the one JSON writer and sanitiser
 
 if TYPE_CHECKING:
     from rl.policy import Policy
@@ -59,7 +59,7 @@ class StageRecord:
 
     Attributes:
         index: 0 for the untuned baseline, then 1..n in schedule order.
-        stage: ``"baseline"``, ``"p"``, ``"w"`` or ``"s"``.
+        stage: ``"baseline"`` or the letter of a stage kind (``optimizers.stages.KINDS``).
         name: ``"0-baseline"``, ``"1-p"``, ``"2-w"``...
         val_score: mean rubric value on the valset (0..1).
         val_components: mean of each rubric component on the valset.
@@ -86,7 +86,7 @@ class StageRecord:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 @dataclass
@@ -149,13 +149,6 @@ class OptimizeResult:
 # --- writing --------------------------------------------------------------------------------------
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    os.replace(tmp, path)
-
-
 def read_json(path: Path, hint: str = "") -> Any:
     """Read a JSON file of a run or bundle; a missing or damaged file is a :class:`CorruptRunError` naming it.
 
@@ -201,7 +194,7 @@ def library_versions() -> dict[str, str]:
 
 def build_manifest(params: dict[str, Any], history: list[StageRecord], best_index: int, policy: Policy) -> dict[str, Any]:
     last = history[-1]
-    return _jsonable({
+    return jsonable({
         "format": BUNDLE_FORMAT,
         "base_model": str(policy.base_path),
         "base_fingerprint": policy.base_fingerprint,
@@ -221,21 +214,6 @@ def build_manifest(params: dict[str, Any], history: list[StageRecord], best_inde
         "params": params,
         "versions": library_versions(),
     })
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; NaN/inf become None, unknown objects their repr."""
-    if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    return repr(value)
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ through here. The rules:
   a warning naming the process that left it.
 * **Nothing is deleted implicitly.** A folder with files that are not a cotune run is refused, even with
   ``overwrite=True``. A folder holding a run is resumed (``resume=True``, same settings), moved aside into the
-  sibling ``<folder>.old-YYYYmmdd-HHMMSS`` (``overwrite=True``), or refused with both choices named.
+  sibling ``<folder>.old-YYYYmmdd-HHMMSS`` (``overwrite=True``), or refused with both choices named. This policy
+  is :func:`decide`, on what :func:`read_folder` found; ``cotune run`` checks every folder of its plan with the
+  same two functions before its first run starts (``experiments/runner.py``), adding only its own settings
+  record and the choice to skip a completed run.
 * **Resume checks what it resumes.** The settings are compared (their hash, and the differing keys are named);
   a completed run is not resumed. A stage is finished when its folder holds ``record.json`` (stage folders are
   written atomically); ``run.json``'s ``finished`` list is a summary that only ever grows.
@@ -29,12 +32,13 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimizers.errors import OutputDirError, RunLockedError
-from optimizers.result import _jsonable, read_json, write_json
-from rl.atomic import remove_stale_temps
+from optimizers.errors import CorruptRunError, OutputDirError, RunLockedError
+from optimizers.result import read_json
+from rl.atomic import jsonable, remove_stale_temps, write_json
 
 logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -200,43 +204,164 @@ def _check_writable(root: Path) -> None:
 
 
 def _prepare(root: Path, params: dict[str, Any], stages: Sequence[str], *, resume: bool, overwrite: bool) -> set[int]:
-    if not any(p.name != LOCK_FILE and not p.name.startswith(PROBE_PREFIX) for p in root.iterdir()):
+    state = read_folder(root)
+    if resume and state.holds_run:
+        remove_stale_temps(root)
+    same = state.run is not None and state.run.get("params_hash") == params_hash(params)
+    action = decide(state, resume=resume, overwrite=overwrite, same_settings=same)
+    run_file = root / RUN_FILE
+    if action == "new":
         set_status(root, "running", params, [])
         return set()
-    run_file = root / RUN_FILE
-    if not run_file.exists():
+    if action == "foreign":
         if overwrite:
             raise OutputDirError(f"{str(root)!r} is not empty and is not a cotune run; refusing to touch its "
                                  "files even with overwrite=True; choose another output_dir")
         raise OutputDirError(f"{str(root)!r} is not empty and is not a cotune run; choose another output_dir")
-    if resume:
-        remove_stale_temps(root)
-        state = read_json(run_file, hint="pass overwrite=True to move this run aside and start over")
-        if state.get("params_hash") != params_hash(params):
-            changed = params_diff(state["params"], params) if isinstance(state.get("params"), dict) else []
-            what = f" ({'; '.join(changed)})" if changed else ""
-            raise OutputDirError(f"{str(root)!r} holds a run with different settings{what}; resume needs the same "
-                                 "arguments; pass overwrite=True to move that run aside and start over, or choose "
-                                 "another output_dir")
-        if state.get("status") == "completed":
-            raise OutputDirError(f"{str(root)!r} holds a completed run; nothing to resume (load it with "
-                                 "optimizers.load, or pass overwrite=True to move it aside and run again)")
+    if action == "damaged":
+        hint = "pass overwrite=True to move this run aside and start over"
+        read_json(run_file, hint=hint)  # raises the CorruptRunError naming the file and what is wrong with it
+        raise CorruptRunError(f"{str(run_file)!r} is damaged ({state.damaged}); {hint}", path=run_file)
+    if action == "other-settings":
+        changed = params_diff(state.run["params"], params) if isinstance(state.run.get("params"), dict) else []
+        what = f" ({'; '.join(changed)})" if changed else ""
+        raise OutputDirError(f"{str(root)!r} holds a run with different settings{what}; resume needs the same "
+                             "arguments; pass overwrite=True to move that run aside and start over, or choose "
+                             "another output_dir")
+    if action == "completed":
+        raise OutputDirError(f"{str(root)!r} holds a completed run; nothing to resume (load it with "
+                             "optimizers.load, or pass overwrite=True to move it aside and run again)")
+    if action == "resume":
         done = finished_stages(root, stages)
-        lost = sorted(set(state.get("finished", [])) - done)
+        lost = sorted(set(state.finished) - done)
         if lost:
             logger.warning("resume %s: stage(s) %s are listed as finished but their folders are missing or "
                            "incomplete; they run again", root, lost)
         logger.info("resuming %s: stages %s already finished", root, sorted(done))
         return done
-    if not overwrite:
-        status = _peek(run_file).get("status", "unreadable")
+    if action == "exists":
+        status = (state.run or {}).get("status", "unreadable")
         raise OutputDirError(f"{str(root)!r} already holds a run (status {status}); pass resume=True (--resume) "
                              "to continue it, or overwrite=True (--overwrite) to move it aside into a timestamped "
                              "folder and start over")
-    moved = move_aside(root)
+    moved = move_aside(root)  # "overwrite"
     logger.warning("output_dir %s held a run: moved it aside to %s (nothing was deleted)", root, moved)
     set_status(root, "running", params, [])
     return set()
+
+
+# --- what a folder holds, and what to do with it: the one policy of optimize() and `cotune run` ----------
+
+
+def is_bookkeeping(name: str) -> bool:
+    """A file of ours that does not make a folder hold anything: the run lock, a writability probe."""
+    return name == LOCK_FILE or name.startswith(PROBE_PREFIX)
+
+
+@dataclass
+class FolderState:
+    """What a run folder holds: nothing (``files`` empty), files that are no run (no ``run.json``), or a run.
+
+    Attributes:
+        root: the folder.
+        files: the names it holds, sorted, lock and probe files aside.
+        run: its ``run.json`` when it holds a run and that file is a readable JSON object.
+        damaged: why ``run.json`` could not be read (empty when it could, or when there is none).
+    """
+
+    root: Path
+    files: tuple[str, ...] = ()
+    run: dict[str, Any] | None = None
+    damaged: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not self.files
+
+    @property
+    def holds_run(self) -> bool:
+        return RUN_FILE in self.files
+
+    @property
+    def status(self) -> str | None:
+        """``None`` when it holds no run, ``"damaged"`` when its ``run.json`` is unreadable, else the run's status."""
+        if not self.holds_run:
+            return None
+        return "damaged" if self.run is None else str(self.run.get("status"))
+
+    @property
+    def finished(self) -> tuple[int, ...]:
+        return tuple((self.run or {}).get("finished") or ())
+
+    def describe(self) -> str:
+        if self.damaged:
+            return f"a run whose {RUN_FILE} is damaged ({self.damaged})"
+        if self.status == "completed":
+            return "a completed run"
+        done = f", stages {list(self.finished)} finished" if self.finished else ""
+        return f"an interrupted run (status {self.status!r}{done})"
+
+
+def read_folder(root: Path) -> FolderState:
+    """What ``root`` holds (a missing folder holds nothing); reading changes nothing, and takes no lock."""
+    if not root.is_dir():
+        return FolderState(root)
+    files = tuple(sorted(c.name for c in root.iterdir() if not is_bookkeeping(c.name)))
+    if RUN_FILE not in files:
+        return FolderState(root, files)
+    try:
+        run = json.loads((root / RUN_FILE).read_text())  # every failure but OSError is a ValueError (JSON, UTF-8)
+        if not isinstance(run, dict):
+            raise ValueError(f"{root / RUN_FILE} holds {type(run).__name__}, not a JSON object")
+    except (OSError, ValueError) as exc:
+        return FolderState(root, files, damaged=str(exc) or type(exc).__name__)
+    return FolderState(root, files, run=run)
+
+
+ACTIONS = ("new", "resume", "overwrite", "skip")
+REFUSALS = ("foreign", "exists", "damaged", "other-settings", "completed", "unverifiable")
+
+
+def decide(state: FolderState, *, resume: bool, overwrite: bool, same_settings: bool | None,
+           skip_completed: bool = False) -> str:
+    """What to do with the folder ``state`` describes; ``optimize()`` and ``cotune run`` both follow this.
+
+    Nothing is deleted implicitly, and a run is continued only with the settings it started with. Returns one of
+    :data:`ACTIONS` -- ``"new"`` (it holds nothing), ``"resume"`` (continue its interrupted run), ``"overwrite"``
+    (move its run aside, start over), ``"skip"`` (only with ``skip_completed``: its completed run had these
+    settings, keep it) -- or one of :data:`REFUSALS`, which each caller words for its own flags: ``"foreign"``
+    (files that are no run, refused even with ``overwrite``), ``"exists"`` (a run, and neither ``resume`` nor
+    ``overwrite``), ``"damaged"`` (``resume``, but ``run.json`` is unreadable), ``"other-settings"``,
+    ``"completed"`` (``resume`` of a completed run without ``skip_completed``: nothing to resume) and
+    ``"unverifiable"`` (``skip_completed``, but the completed run's settings were not recorded).
+
+    Args:
+        state: what the folder holds (:func:`read_folder`).
+        resume, overwrite: what the caller was asked (``resume`` wins when both are set).
+        same_settings: whether the run there has the caller's settings; ``None``: not recorded, so an interrupted
+            run is resumed and ``optimize()``'s own settings check decides.
+        skip_completed: a completed run with the same settings is kept (``cotune run --resume``), not refused.
+
+    Example:
+        >>> decide(FolderState(Path("run"), ("run.json",), {"status": "failed"}), resume=True, overwrite=False,
+        ...        same_settings=True)
+        'resume'
+    """
+    if state.empty:
+        return "new"
+    if not state.holds_run:
+        return "foreign"
+    if resume:
+        if state.run is None:
+            return "damaged"
+        if same_settings is False:
+            return "other-settings"
+        if state.status == "completed":
+            if not skip_completed:
+                return "completed"
+            return "skip" if same_settings else "unverifiable"
+        return "resume"
+    return "overwrite" if overwrite else "exists"
 
 
 def finished_stages(root: Path, stages: Sequence[str]) -> set[int]:
@@ -277,7 +402,7 @@ def params_hash(params: dict[str, Any]) -> str:
 
 def params_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> list[str]:
     """``"key.sub: old -> new"`` for each setting that differs (dotted keys, at most ``limit`` of them)."""
-    a, b = _flat(_jsonable(old)), _flat(_jsonable(new))
+    a, b = _flat(jsonable(old)), _flat(jsonable(new))
     missing = object()
     changed = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
                if a.get(k, missing) != b.get(k, missing)]
