@@ -190,3 +190,94 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if isinstance(box[0], _Failed):
         raise MainProcessError(f"rank 0 failed, so rank {rank()} stops too: {box[0].message}")
     return box[0]
+
+
+class Ranks:
+    """Rank-0 work and collectives behind one object: this class is the single process, where each is a no-op.
+
+    Why: the loops of ``optimize()``, the weight stage and self-training must read straight, not branch on "am I
+    data-parallel?" at every collective. They take a :func:`ranks` object and call the same methods either way;
+    :class:`TorchRanks` does the collectives over ``torch.distributed``. Alone, every method returns exactly what
+    it was given (``gather`` wraps it in a one-item list), so the single-process path computes what it always did.
+
+    Example:
+        >>> r = Ranks()
+        >>> r.main, r.parallel, r.shard([1, 2, 3]), r.gather("x"), r.any(False), r.on_main(sum, [1, 2])
+        (True, False, [1, 2, 3], ['x'], False, 3)
+    """
+
+    rank, world, parallel = 0, 1, False
+
+    @property
+    def main(self) -> bool:
+        """True on rank 0, the rank that writes files, logs and runs the single-process work."""
+        return self.rank == 0
+
+    def on_main(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` run on rank 0 alone, its result on every rank (see :func:`on_main`)."""
+        return fn(*args, **kwargs)
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """This rank's contiguous share of ``items`` (all of them alone)."""
+        return list(items)
+
+    def tag(self, tag: tuple) -> tuple:
+        """A rollout seed tag made distinct per rank (unchanged alone, so single-process seeds never move)."""
+        return tag
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` in rank order."""
+        return [obj]
+
+    def all_reduce(self, values: Sequence[float], op: Literal["sum", "max", "min"] = "sum") -> list[float]:
+        """Element-wise reduction over ranks (float64)."""
+        return [float(v) for v in values]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        return bool(flag)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        return obj
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+
+
+class TorchRanks(Ranks):
+    """The same methods over ``torch.distributed`` (``accelerate launch`` / torchrun with several processes)."""
+
+    parallel = True
+
+    def __init__(self) -> None:
+        self.rank, self.world = rank(), world_size()
+
+    def on_main(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return on_main(fn, *args, **kwargs)
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        return shard(items, self.rank, self.world)
+
+    def tag(self, tag: tuple) -> tuple:
+        return tag + (self.rank,)
+
+    def gather(self, obj: Any) -> list[Any]:
+        return gather_objects(obj)
+
+    def all_reduce(self, values: Sequence[float], op: Literal["sum", "max", "min"] = "sum") -> list[float]:
+        return all_reduce(values, op)
+
+    def any(self, flag: bool) -> bool:
+        return any_rank(flag)
+
+    def broadcast(self, obj: Any) -> Any:
+        return broadcast_object(obj)
+
+    def barrier(self) -> None:
+        barrier()
+
+
+def ranks() -> Ranks:
+    """The :class:`Ranks` of this process: :class:`TorchRanks` under a multi-process launcher, else the no-op one."""
+    return TorchRanks() if is_distributed() else Ranks()

@@ -33,18 +33,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from dspy.lm15 import ContextLengthError
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from rl.engine_base import Generation, PolicyEngine, Sampling
-from rl.engine_base import chat_messages as chat_messages  # re-exported: embedded/agent.py imports it from here
+from rl.engine_base import Generation, PolicyEngine, Sampling, ServedPolicy
 from rl.errors import EngineError
-
-if TYPE_CHECKING:
-    from rl.policy import Policy
 
 
 @dataclass
@@ -182,7 +178,7 @@ class BatchedEngine(PolicyEngine):
 
     def __init__(
         self,
-        policy: Policy,
+        policy: ServedPolicy,
         max_batch_size: int = 64,
         max_wait_ms: float = 15.0,
         default_max_tokens: int = 256,

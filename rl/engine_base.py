@@ -28,7 +28,8 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 from dspy.lm15 import Message, Request, Response, Usage
@@ -36,10 +37,29 @@ from dspy.lm15 import Message, Request, Response, Usage
 from rl.errors import EngineError
 from rl.trace import LMCall, Recorder, active_recorders, caller_info
 
-if TYPE_CHECKING:
-    from rl.policy import Policy
+__all__ = ["Generation", "PolicyEngine", "Sampling", "ServedPolicy", "chat_messages"]
 
-__all__ = ["Generation", "PolicyEngine", "Sampling", "chat_messages"]
+
+class ServedPolicy(Protocol):
+    """What an engine needs of the policy it serves (:class:`rl.policy.Policy` is the one implementation).
+
+    Why a protocol: the policy builds its engines, so the engines naming ``Policy`` made ``rl.policy`` and the
+    engine modules import each other; they name this instead.
+    """
+
+    model: Any
+    tokenizer: Any
+    lock: threading.RLock
+    version: int
+    model_string: str
+    base_path: Path
+    device: Any
+    eos_token_ids: list[int]
+    max_positions: int | None
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def save_adapter(self, path: str | Path) -> None: ...
 
 
 def chat_messages(request: Request) -> list[dict[str, str]]:
@@ -106,7 +126,7 @@ class PolicyEngine:
     kind: ClassVar[str] = "policy"  # named in errors: "the <kind> policy engine"
     id_prefix: ClassVar[str] = "cotune"  # response ids are "<id_prefix>-<call_id>"
 
-    def __init__(self, policy: Policy, *, default_max_tokens: int, seed: int, history_size: int) -> None:
+    def __init__(self, policy: ServedPolicy, *, default_max_tokens: int, seed: int, history_size: int) -> None:
         self.policy = policy
         self.default_max_tokens = default_max_tokens
         self.calls: deque[LMCall] = deque(maxlen=history_size)

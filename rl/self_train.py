@@ -80,21 +80,19 @@ def self_train(
     rng = random.Random(f"self-train/{config.seed}")
     n = min(len(trainset), config.examples)
     examples = [trainset[i] for i in rng.sample(range(len(trainset)), n)]
-    parallel = distributed.is_distributed()
-    if parallel:  # each rank samples its share; its own seeds, as in the weight stage
-        examples = distributed.shard(examples)
+    ranks = distributed.ranks()
+    examples = ranks.shard(examples)  # each rank samples its share; its own seeds, as in the weight stage
     lm = policy.lm(temperature=config.temperature, max_tokens=config.max_tokens, cache=False)
     rollouts = run_rollouts(program, examples, lm, metric, config.num_samples, num_threads=config.num_threads,
-                            tag=("self-train", config.seed) + ((distributed.rank(),) if parallel else ()))
+                            tag=ranks.tag(("self-train", config.seed)))
     if on_rollouts is not None:
         on_rollouts(rollouts)
     kept = [r for r in rollouts if r.error is None and r.reward >= config.success_threshold]
     calls = [(r.example_index, r.reward, tuple(c.prompt_ids), tuple(c.completion_ids), c.finish_reason == "length")
              for r in kept for c in r.calls if c.completion_ids]  # plain data: cheap to send to the other ranks
     counts = [len(rollouts), len(kept), sum(len(r.calls) for r in rollouts), sum(r.reward for r in rollouts)]
-    if parallel:  # every rank gets every rank's kept calls, in rank order, and the totals
-        calls = [c for part in distributed.gather_objects(calls) for c in part]
-        counts = distributed.all_reduce(counts)
+    calls = [c for part in ranks.gather(calls) for c in part]  # every rank's kept calls, in rank order
+    counts = ranks.all_reduce(counts)  # and the totals
     n_rollouts, n_kept, lm_calls = (int(c) for c in counts[:3])
     seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
     rows: list[Row] = []
@@ -121,7 +119,7 @@ def self_train(
             for start in range(0, len(order), config.batch_size):
                 chunk = order[start : start + config.batch_size]
                 with policy.lock:  # under several processes each rank trains on its share of the step's rows
-                    update = updater.step(updater.to_batch(distributed.shard(chunk) if parallel else chunk))
+                    update = updater.step(updater.to_batch(ranks.shard(chunk)))
                 result.steps += 1
                 metrics = {"step": result.steps, "epoch": epoch + 1, "loss": update["loss"],
                            "grad_norm": update["grad_norm"], "rows": len(chunk),

@@ -28,18 +28,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dspy.lm15 import ContextLengthError
 
 from rl import distributed
 from rl.atomic import atomic_dir
-from rl.engine_base import Generation, PolicyEngine, Sampling
+from rl.engine_base import Generation, PolicyEngine, Sampling, ServedPolicy
 from rl.errors import EngineError
 from rl.vllm_server import VLLMServer, VLLMServerError
-
-if TYPE_CHECKING:
-    from rl.policy import Policy
 
 _FINISH = {"stop": "stop", "length": "length"}
 
@@ -69,7 +66,7 @@ class VLLMEngine(PolicyEngine):
 
     def __init__(
         self,
-        policy: Policy,
+        policy: ServedPolicy,
         server: VLLMServer,
         *,
         adapter_dir: str | Path | None = None,

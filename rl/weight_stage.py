@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 import statistics
 import time
@@ -45,6 +44,7 @@ import dspy
 
 from rl import distributed
 from rl.advantages import AdvantageStats, compute_advantages, flat_examples, predictor_namer
+from rl.atomic import jsonable
 from rl.checkpoint import latest_checkpoint, load_checkpoint, refuse_earlier_checkpoints, save_checkpoint
 from rl.config import WeightStageConfig
 from rl.errors import CotuneRLError
@@ -235,146 +235,178 @@ def train_weights(
     ckpt_root = Path(output_dir) / "checkpoints" if output_dir is not None else None
     if ckpt_root is not None and not resume:
         refuse_earlier_checkpoints(ckpt_root)
-
-    total_steps = config.max_steps
-    updater = GRPOUpdater(policy, config, total_steps)
-    parallel = distributed.is_distributed()  # several processes (accelerate launch / torchrun); the updater agrees
-    rank, world = (distributed.rank(), distributed.world_size()) if parallel else (0, 1)
-    main = rank == 0
-    if config.examples_per_step < world:
+    ranks = distributed.ranks()  # several processes (accelerate launch / torchrun) or one; the updater agrees
+    updater = GRPOUpdater(policy, config.updater_settings(), config.max_steps)
+    if config.examples_per_step < ranks.world:
         updater.close()
-        raise ValueError(f"examples_per_step={config.examples_per_step} is below the {world} training processes: "
-                         "each rank needs at least one example (all G runs of an example stay on one rank)")
-    cursor = DataCursor(len(trainset), config.seed)
-    history: list[dict[str, Any]] = []
-    events: list[Any] = []
-    start, rollouts_done, calls_done, resumed_from = 0, 0, 0, None
-    ckpt = latest_checkpoint(ckpt_root) if resume else None
-    if parallel:  # every rank resumes from the checkpoint rank 0 sees
-        ckpt = distributed.broadcast_object(ckpt)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, policy, updater)
-        start, history = state["step"], state["history"]
-        rollouts_done, calls_done = state["rollouts"], state["lm_calls"]
-        cursor = DataCursor(len(trainset), config.seed, **state["cursor"])
-        resumed_from = start
-
-    lm = policy.lm(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens, cache=False)
-    name_of = predictor_namer(program)
-    # batch scaling needs the std over every rank's rewards: advantages unscaled here, divided below
-    local_scale = "none" if parallel and config.scale_rewards == "batch" else config.scale_rewards
-    end = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
-    bar = _progress(progress and main, start, total_steps)
-    threads = RolloutThreads()  # the rollouts' threads, kept for every step of this stage and stopped at its end
+        raise ValueError(f"examples_per_step={config.examples_per_step} is below the {ranks.world} training "
+                         "processes: each rank needs at least one example (all G runs of an example stay on one rank)")
+    run = _StageRun(program, trainset, metric, policy, config, updater, ranks, ckpt_root)
+    if resume:  # every rank resumes from the checkpoint rank 0 sees
+        run.restore(ranks.broadcast(latest_checkpoint(ckpt_root)))
+    end = config.max_steps if stop_after_steps is None else min(config.max_steps, run.step + stop_after_steps)
+    bar = _progress(progress and ranks.main, run.step, config.max_steps)
     try:
-        step = start
         # the budget ends the stage: with dynamic sampling a step may spend more than rollouts_per_step
-        while step < end and rollouts_done + config.rollouts_per_step <= config.max_rollouts:
-            stop = should_stop is not None and should_stop()
-            if stop if not parallel else distributed.any_rank(stop):
-                logger.info("weight stage: stopped before step %d by should_stop", step + 1)
+        while run.step < end and run.rollouts_done + config.rollouts_per_step <= config.max_rollouts:
+            if ranks.any(should_stop is not None and should_stop()):
+                logger.info("weight stage: stopped before step %d by should_stop", run.step + 1)
                 break
             t0 = time.perf_counter()
-            # Sample G rollouts of each of the next examples_per_step examples. With dynamic sampling (DAPO), an
-            # example whose G rollouts all scored the same teaches nothing: the cursor passes over it at its next
-            # turn, and more examples are sampled until examples_per_step of them teach, the step has drawn twice
-            # examples_per_step, or the budget is spent. Every rollout sampled counts in the budget.
-            rollouts: list[Rollout] = []
-            drawn, informative, skipped_before = 0, 0, cursor.skipped
-            wanted = config.examples_per_step
-            while wanted > 0:
-                indices = cursor.take(wanted)  # the same global indices on every rank
-                local = distributed.shard(indices, rank, world) if parallel else indices
-                first = len(rollouts) // config.num_generations  # this rank's examples so far in this step
-                new = run_rollouts(
-                    program, [trainset[i] for i in local], lm, metric, config.num_generations,
-                    format_failure_score=config.format_failure_score,
-                    num_threads=1 if config.deterministic else config.num_threads,
-                    tag=(config.seed, step) if not parallel else (config.seed, step, rank), first_index=first,
-                    threads=threads,
-                )
-                rollouts += new
-                drawn += len(indices)
-                if not config.dynamic_sampling:
-                    break
-                flat = [local[i - first] for i in flat_examples(new)]
-                if parallel:  # every rank marks every rank's flat examples: the cursors stay identical
-                    flat = [i for rank_flat in distributed.gather_objects(flat) for i in rank_flat]
-                cursor.skip.update(flat)
-                informative += len(indices) - len(flat)
-                affordable = (config.max_rollouts - rollouts_done) // config.num_generations - drawn
-                wanted = min(config.examples_per_step - informative, 2 * config.examples_per_step - drawn, affordable)
+            rollouts, drawn = run.sample()
             t1 = time.perf_counter()
-            summary = _summary(rollouts)
-            rows, adv_stats = compute_advantages(rollouts, name_of, local_scale, eps=ADVANTAGE_EPS)
-            n_rows, tokens_trained = len(rows), sum(len(r.completion_ids) for r in rows)
-            if parallel:
-                summary = _merge(distributed.gather_objects(summary))
-                if config.scale_rewards == "batch":
-                    rewards = summary["rewards"]
-                    divisor = (statistics.pstdev(rewards) if len(rewards) > 1 else 0.0) + ADVANTAGE_EPS
-                    rows = [dataclasses.replace(r, advantage=r.advantage / divisor) for r in rows]
-                *counts, tokens_trained = (int(v) for v in distributed.all_reduce(
-                    [*dataclasses.astuple(adv_stats), tokens_trained]))
-                adv_stats = AdvantageStats(*counts)
-                n_rows = adv_stats.rows
-            update: dict[str, Any] = {}
-            if n_rows:  # every rank takes part in the update when any rank has rows (DDP and TRL's metrics)
-                with policy.lock:
-                    # one batch (old log-probs frozen before the first update) for every iteration over these rows
-                    batch = updater.to_batch(rows)
-                    for _ in range(config.num_iterations):
-                        update = updater.step(batch)
-                policy.bump_version()
+            summary, rows, adv_stats, tokens_trained = run.score(rollouts)
+            update = run.update(rows, adv_stats.rows)
             t2 = time.perf_counter()
-
-            rollouts_done += len(summary["rewards"])
-            metrics = _step_metrics(summary, adv_stats, update, with_kl=config.beta > 0)
-            calls_done += metrics["lm_calls"]
-            step_events = [e for monitor in monitors for e in (monitor(step + 1, rollouts) or ())]
-            seconds = (t1 - t0, t2 - t1)
-            if parallel:
-                step_events = [e for rank_events in distributed.gather_objects(step_events) for e in rank_events]
-                seconds = tuple(distributed.all_reduce(seconds, "max"))  # the step waits for the slowest rank
-            for event in step_events if main else ():
-                logger.warning("weight stage step %d: %s", step + 1, getattr(event, "message", event))
-            events += step_events
-            metrics.update(step=step + 1, rollouts=rollouts_done, total_lm_calls=calls_done,
-                           adapter_version=policy.version, seconds_rollout=seconds[0], seconds_update=seconds[1],
-                           guard_events=len(step_events), examples_sampled=drawn,
-                           examples_skipped=cursor.skipped - skipped_before, tokens_trained=tokens_trained)
-            history.append(metrics)
+            metrics = run.record(rollouts, summary, adv_stats, update, monitors, seconds=(t1 - t0, t2 - t1),
+                                 examples_sampled=drawn, tokens_trained=tokens_trained)
             for callback in callbacks:
                 callback(metrics)
-            if bar is not None:
-                bar.update(1)
-                shown = {"reward": f"{metrics['reward_mean']:.3f}"}
-                if "kl" in metrics:
-                    shown["kl"] = f"{metrics['kl']:.3g}"
-                bar.set_postfix(shown)
-            if ckpt_root is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                trainer_state = updater.state_dict()  # every rank: under ZeRO it gathers the optimizer partitions
-                if main:  # the ranks hold identical weights (and optimizer state, or its partitions): one copy
-                    save_checkpoint(ckpt_root, step + 1, policy, updater, {
-                        "cursor": cursor.state(), "history": _finite(history),
-                        "rollouts": rollouts_done, "lm_calls": calls_done, "config": config.to_dict()},
-                        trainer_state=trainer_state)
-                if parallel:  # nobody moves on (or returns and reads it) before the checkpoint is complete
-                    distributed.barrier()
-            step += 1
+            _show(bar, metrics)
+            run.checkpoint()
+            run.step += 1
     finally:
         if bar is not None:
             bar.close()
-        threads.close()
+        run.threads.close()
         updater.close()
-    return WeightStageResult(steps=len(history), rollouts=rollouts_done, lm_calls=calls_done,
-                             adapter_version=policy.version, history=history, resumed_from=resumed_from,
-                             events=events)
+    return WeightStageResult(steps=len(run.history), rollouts=run.rollouts_done, lm_calls=run.calls_done,
+                             adapter_version=policy.version, history=run.history, resumed_from=run.resumed_from,
+                             events=run.events)
 
 
-def _finite(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """History with NaN/inf replaced by None so that it is valid JSON."""
-    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in h.items()} for h in history]
+class _StageRun:
+    """One weight stage's state and its step, in the order a step runs: sample, score, update, record, checkpoint.
+
+    Collectives go through ``ranks`` (:class:`rl.distributed.Ranks`), which are no-ops in a single process.
+    """
+
+    def __init__(self, program, trainset, metric, policy: Policy, config: WeightStageConfig, updater: GRPOUpdater,
+                 ranks: distributed.Ranks, ckpt_root: Path | None) -> None:
+        self.program, self.trainset, self.metric, self.policy = program, trainset, metric, policy
+        self.config, self.updater, self.ranks, self.ckpt_root = config, updater, ranks, ckpt_root
+        self.cursor = DataCursor(len(trainset), config.seed)
+        self.history: list[dict[str, Any]] = []
+        self.events: list[Any] = []
+        self.step = self.rollouts_done = self.calls_done = 0
+        self.resumed_from: int | None = None
+        self._skipped_before = 0
+        self.lm = policy.lm(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
+                            cache=False)
+        self.name_of = predictor_namer(program)
+        # batch scaling needs the std over every rank's rewards: advantages unscaled here, divided in score()
+        self.local_scale = "none" if ranks.parallel and config.scale_rewards == "batch" else config.scale_rewards
+        self.threads = RolloutThreads()  # the rollouts' threads, kept for every step of this stage, closed at its end
+
+    def restore(self, ckpt: Path | None) -> None:
+        """Continue from a checkpoint: step, history, spend, data cursor, adapter and optimizer state."""
+        if ckpt is None:
+            return
+        state = load_checkpoint(ckpt, self.policy, self.updater)
+        self.step, self.history = state["step"], state["history"]
+        self.rollouts_done, self.calls_done = state["rollouts"], state["lm_calls"]
+        self.cursor = DataCursor(len(self.trainset), self.config.seed, **state["cursor"])
+        self.resumed_from = self.step
+
+    def sample(self) -> tuple[list[Rollout], int]:
+        """G rollouts of each of the next ``examples_per_step`` examples (this rank's share), and how many were drawn.
+
+        With dynamic sampling (DAPO), an example whose G rollouts all scored the same teaches nothing: the cursor
+        passes over it at its next turn, and more examples are sampled until ``examples_per_step`` of them teach,
+        the step has drawn twice ``examples_per_step``, or the budget is spent. Every rollout sampled counts.
+        """
+        config = self.config
+        self._skipped_before = self.cursor.skipped  # for the step's examples_skipped metric
+        rollouts: list[Rollout] = []
+        drawn, informative = 0, 0
+        wanted = config.examples_per_step
+        while wanted > 0:
+            indices = self.cursor.take(wanted)  # the same global indices on every rank
+            local = self.ranks.shard(indices)
+            first = len(rollouts) // config.num_generations  # this rank's examples so far in this step
+            new = run_rollouts(
+                self.program, [self.trainset[i] for i in local], self.lm, self.metric, config.num_generations,
+                format_failure_score=config.format_failure_score,
+                num_threads=1 if config.deterministic else config.num_threads,
+                tag=self.ranks.tag((config.seed, self.step)), first_index=first, threads=self.threads,
+            )
+            rollouts += new
+            drawn += len(indices)
+            if not config.dynamic_sampling:
+                break
+            flat = [local[i - first] for i in flat_examples(new)]
+            # every rank marks every rank's flat examples: the cursors stay identical
+            self.cursor.skip.update(i for rank_flat in self.ranks.gather(flat) for i in rank_flat)
+            informative += len(indices) - len(flat)
+            affordable = (config.max_rollouts - self.rollouts_done) // config.num_generations - drawn
+            wanted = min(config.examples_per_step - informative, 2 * config.examples_per_step - drawn, affordable)
+        return rollouts, drawn
+
+    def score(self, rollouts: list[Rollout]) -> tuple[dict[str, Any], list, AdvantageStats, int]:
+        """The step's summary over every rank, this rank's training rows, and the advantage counts over every rank."""
+        summary = _merge(self.ranks.gather(_summary(rollouts)))
+        rows, adv_stats = compute_advantages(rollouts, self.name_of, self.local_scale, eps=ADVANTAGE_EPS)
+        if self.ranks.parallel and self.config.scale_rewards == "batch":
+            rewards = summary["rewards"]
+            divisor = (statistics.pstdev(rewards) if len(rewards) > 1 else 0.0) + ADVANTAGE_EPS
+            rows = [dataclasses.replace(r, advantage=r.advantage / divisor) for r in rows]
+        *counts, tokens_trained = (int(v) for v in self.ranks.all_reduce(
+            [*dataclasses.astuple(adv_stats), sum(len(r.completion_ids) for r in rows)]))
+        return summary, rows, AdvantageStats(*counts), tokens_trained
+
+    def update(self, rows: list, rows_on_any_rank: int) -> dict[str, Any]:
+        """GRPO's optimizer step(s) on the rows; the adapter's version advances (every rank takes part when any rank
+        has rows: DDP and TRL's metrics need it)."""
+        update: dict[str, Any] = {}
+        if rows_on_any_rank:
+            with self.policy.lock:
+                # one batch (old log-probs frozen before the first update) for every iteration over these rows
+                batch = self.updater.to_batch(rows)
+                for _ in range(self.config.num_iterations):
+                    update = self.updater.step(batch)
+            self.policy.bump_version()
+        return update
+
+    def record(self, rollouts, summary, adv_stats, update, monitors, *, seconds: tuple[float, float],
+               examples_sampled: int, tokens_trained: int) -> dict[str, Any]:
+        """The step's metrics (the same dict on every rank) and the monitors' events, added to the history."""
+        self.rollouts_done += len(summary["rewards"])
+        metrics = _step_metrics(summary, adv_stats, update, with_kl=self.config.beta > 0)
+        self.calls_done += metrics["lm_calls"]
+        step_events = [e for monitor in monitors for e in (monitor(self.step + 1, rollouts) or ())]
+        step_events = [e for rank_events in self.ranks.gather(step_events) for e in rank_events]
+        seconds = tuple(self.ranks.all_reduce(seconds, "max"))  # the step waits for the slowest rank
+        for event in step_events if self.ranks.main else ():
+            logger.warning("weight stage step %d: %s", self.step + 1, getattr(event, "message", event))
+        self.events += step_events
+        metrics.update(step=self.step + 1, rollouts=self.rollouts_done, total_lm_calls=self.calls_done,
+                       adapter_version=self.policy.version, seconds_rollout=seconds[0], seconds_update=seconds[1],
+                       guard_events=len(step_events), examples_sampled=examples_sampled,
+                       examples_skipped=self.cursor.skipped - self._skipped_before, tokens_trained=tokens_trained)
+        self.history.append(metrics)
+        return metrics
+
+    def checkpoint(self) -> None:
+        """Every ``checkpoint_every`` steps: one copy of the adapter, optimizer state and cursor (rank 0 writes)."""
+        every = self.config.checkpoint_every
+        if self.ckpt_root is None or not every or (self.step + 1) % every:
+            return
+        trainer_state = self.updater.state_dict()  # every rank: under ZeRO it gathers the optimizer partitions
+        if self.ranks.main:  # the ranks hold identical weights (and optimizer state, or its partitions): one copy
+            save_checkpoint(self.ckpt_root, self.step + 1, self.policy, self.updater, {
+                "cursor": self.cursor.state(), "history": jsonable(self.history),
+                "rollouts": self.rollouts_done, "lm_calls": self.calls_done, "config": self.config.to_dict()},
+                trainer_state=trainer_state)
+        self.ranks.barrier()  # nobody moves on (or returns and reads it) before the checkpoint is complete
+
+
+def _show(bar, metrics: dict[str, Any]) -> None:
+    if bar is not None:
+        bar.update(1)
+        shown = {"reward": f"{metrics['reward_mean']:.3f}"}
+        if "kl" in metrics:
+            shown["kl"] = f"{metrics['kl']:.3g}"
+        bar.set_postfix(shown)
 
 
 def _progress(enabled: bool, start: int, total: int):
