@@ -4,7 +4,9 @@ Public API:
     optimize, OptimizeResult, StageRecord: the outer loop over a schedule such as ``"p -> w -> p"``.
     OptimizeCallback: hooks for tracking and tuning.
     Budget: one limit in rollouts and LM calls for every stage; plan_run: what each stage's share buys.
-    BudgetError, PromptBudgetError, FieldsNotProducedError: refusals made before any budget is spent.
+    optimizers.stages: the stage protocol and the registry of stage kinds (p, w, s; add one with ``register``).
+    BudgetError, StageShareError, PromptBudgetError, FieldsNotProducedError: refusals made before any budget is
+        spent.
     load, export: a runnable program from a saved bundle (never running code the bundle names); a stand-alone
         bundle (optionally merged weights).
     OutputDirError, RunLockedError, CorruptRunError, ExportTargetError, LoadError: what can go wrong with a run
@@ -17,7 +19,7 @@ Public API:
 """
 
 from metrics import MetricError  # re-exported: the one error of a failing metric, whichever stage met it
-from optimizers.budget import Budget, BudgetError, BudgetExhausted, StagePlan, plan_run
+from optimizers.budget import Budget, BudgetError, BudgetExhausted, StagePlan
 from optimizers.callbacks import OptimizeCallback
 from optimizers.errors import (
     CorruptRunError,
@@ -28,6 +30,7 @@ from optimizers.errors import (
     OutputDirError,
     PromptBudgetError,
     RunLockedError,
+    StageShareError,
 )
 from optimizers.optimize import optimize
 from optimizers.prompt_stage import (
@@ -43,6 +46,7 @@ from optimizers.prompt_stage import (
 from optimizers.result import OptimizeResult, RunInfo, StageRecord, export, load
 from optimizers.schedule import ScheduleError, arm_of, format_schedule, parse_schedule
 from optimizers.settings import Settings, resolve_settings
+from optimizers.stages import plan_run
 
 __all__ = [
     "OPTIMIZERS",
@@ -69,6 +73,7 @@ __all__ = [
     "Settings",
     "StagePlan",
     "StageRecord",
+    "StageShareError",
     "arm_of",
     "export",
     "format_schedule",

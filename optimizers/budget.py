@@ -33,8 +33,9 @@ from typing import Any
 import dspy
 from dspy.utils.callback import BaseCallback
 
-from optimizers.errors import BudgetError, BudgetExhausted, PromptBudgetError
+from optimizers.errors import BudgetError, BudgetExhausted, PromptBudgetError, StageShareError
 from optimizers.prompt_stage import PromptPlan, PromptStageConfig, plan_prompt_stage, program_shape
+from rl import dspy_seam
 from rl.policy import Policy, PolicyLM
 
 
@@ -150,7 +151,7 @@ class Meter(BaseCallback):
 
     def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         """DSPy callback: a module called with no module above it is one program execution (a rollout)."""
-        if self._paused or dspy.settings.caller_modules:
+        if self._paused or dspy_seam.in_module_call():
             return
         if self._shape is not None and program_shape(instance) != self._shape:
             return
@@ -164,7 +165,7 @@ class Meter(BaseCallback):
             self.on_rollout()
 
     def on_module_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
-        if not dspy.settings.caller_modules:
+        if not dspy_seam.in_module_call():
             self._local.refused = False
 
     def admit_lm_call(self) -> None:
@@ -244,10 +245,11 @@ class StagePlan:
     """What one stage of a schedule will spend its share on, worked out before the run starts.
 
     Attributes:
-        index, stage: the stage's place in the schedule (1..n) and kind (``p``, ``w``, ``s``).
+        index, stage: the stage's place in the schedule (1..n) and kind (its letter).
         share: rollouts the stage gets (an equal part of what the stages before it leave; None: no budget).
         rollouts: rollouts it is expected to spend at most (None: its own settings decide).
         text: one line, e.g. ``w: 25 GRPO steps x 16 rollouts = 400``.
+        min_share: the smallest share that buys one useful unit of the stage (one GRPO step, one candidate...).
     """
 
     index: int
@@ -255,51 +257,10 @@ class StagePlan:
     share: int | None
     rollouts: int | None
     text: str
+    min_share: int = dataclasses.field(default=1, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def plan_run(stages: tuple[str, ...], budget: Budget, *, prompt: PromptStageConfig, weights: Any, self_training: Any,
-             n_train: int, n_val: int, teleprompter: Any | None = None) -> list[StagePlan]:
-    """The budget plan of a schedule: each stage's share and what it buys, as the run will give them out.
-
-    Each stage gets an equal part of what is left when it starts (:meth:`Meter.share`), and what a stage is
-    planned not to spend is left to the stages after it. ``weights`` and ``self_training`` are the
-    :class:`rl.WeightStageConfig` and ``SelfTrainConfig`` of the run.
-
-    Raises:
-        PromptBudgetError: a ``p`` stage's share cannot buy one useful candidate; ``min_rollouts`` is the smallest
-            budget for the whole schedule that would.
-    """
-    plans: list[StagePlan] = []
-    left = budget.rollouts
-    for i, stage in enumerate(stages, 1):
-        share = None if left is None else left // (len(stages) - i + 1)
-        if stage == "p":
-            try:
-                plan = plan_prompt_stage(prompt, share, n_train, n_val, teleprompter=teleprompter)
-            except PromptBudgetError as exc:
-                need = exc.min_rollouts * len(stages)
-                raise PromptBudgetError(
-                    f"budget of {budget.rollouts} rollouts gives stage {i} (p) a share of {share}, which cannot buy "
-                    f"one useful prompt candidate: {exc.reason}. The smallest budget for {' -> '.join(stages)} that "
-                    f"buys it is {need} rollouts; or lower prompt.minibatch_size (now {prompt.minibatch_size}: the "
-                    f"fewest val examples a candidate is scored on)", min_rollouts=need, reason=exc.reason) from exc
-            spend, text = plan.cost, f"p: {plan.describe()}"
-        elif stage == "w":
-            steps = weights.max_steps if share is None else share // weights.rollouts_per_step
-            spend = steps * weights.rollouts_per_step
-            text = (f"w: {steps} GRPO steps x {weights.rollouts_per_step} rollouts ({weights.examples_per_step} "
-                    f"examples x {weights.num_generations} generations, lr {weights.learning_rate:g}) = {spend}")
-        else:
-            spend = self_training.max_rollouts if share is None else share
-            text = (f"s: {spend // self_training.num_samples} train examples x {self_training.num_samples} samples "
-                    f"= {spend}, then fine-tune on the successful ones")
-        plans.append(StagePlan(i, stage, share, spend, text))
-        if left is not None:
-            left -= spend if spend is not None else share
-    return plans
 
 
 def describe_plan(plans: list[StagePlan], budget: Budget) -> str:
@@ -309,4 +270,4 @@ def describe_plan(plans: list[StagePlan], budget: Budget) -> str:
 
 
 __all__ = ["Budget", "BudgetError", "BudgetExhausted", "Meter", "MeteredLM", "PromptBudgetError", "PromptPlan",
-           "Spend", "StagePlan", "describe_plan", "fit_prompt_config", "plan_run"]
+           "Spend", "StagePlan", "StageShareError", "describe_plan", "fit_prompt_config"]

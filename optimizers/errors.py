@@ -31,14 +31,19 @@ class BudgetError(ValueError):
     """A budget that cannot pay for the schedule (the message says how much one stage needs)."""
 
 
-class PromptBudgetError(BudgetError):
-    """A prompt stage's share cannot buy one useful candidate (the untuned program and one other, each scored on
-    ``minibatch_size`` val examples). Raised before anything is spent; ``min_rollouts`` is the smallest budget (for
-    the whole run, when raised by ``optimize()``) that would."""
+class StageShareError(BudgetError):
+    """A stage's share of the budget cannot buy one useful unit of its work (one GRPO step, one prompt candidate...).
+    Raised before anything is spent; ``min_rollouts`` is the smallest share (for the whole run, when raised by
+    ``optimize()``) that would, ``reason`` what the share falls short of."""
 
     def __init__(self, message: str, *, min_rollouts: int, reason: str = "") -> None:
         super().__init__(message)
         self.min_rollouts, self.reason = min_rollouts, reason or message
+
+
+class PromptBudgetError(StageShareError):
+    """A prompt stage's share cannot buy one useful candidate (the untuned program and one other, each scored on
+    ``minibatch_size`` val examples)."""
 
 
 class BudgetExhausted(RuntimeError):

@@ -54,18 +54,17 @@ import torch
 from metrics import as_rubric
 from metrics.guards import GoldGuard
 from metrics.references import reference_name
-from optimizers.budget import Budget, BudgetError, Meter, Spend, describe_plan, plan_run
+from optimizers.budget import Budget, Meter, Spend, describe_plan
 from optimizers.callbacks import OptimizeCallback
 from optimizers.errors import (
     CorruptRunError,
     FieldsNotProducedError,
     OptimizeError,
     OutputDirError,
-    PromptBudgetError,
     RunLockedError,
 )
 from optimizers.evaluate import check_parses, evaluate
-from optimizers.prompt_stage import PromptStageConfig, prompt_stage
+from optimizers.prompt_stage import PromptStageConfig
 from optimizers.result import (
     ADAPTER,
     MANIFEST,
@@ -74,7 +73,6 @@ from optimizers.result import (
     RunInfo,
     StageRecord,
     build_manifest,
-    program_state,
     read_json,
     save_program,
     write_json,
@@ -82,12 +80,13 @@ from optimizers.result import (
 from optimizers.run_folder import RunLock, open_run_folder, set_status, stage_dir
 from optimizers.schedule import arm_of, format_schedule, parse_schedule
 from optimizers.settings import resolve_settings
-from rl import distributed
+from optimizers.stages import Stage, StageContext, build_stages, plan_run
+from optimizers.stages.prompt import program_state_loaded
+from rl import distributed, dspy_seam
 from rl.advantages import predictor_namer
 from rl.atomic import atomic_dir
 from rl.config import SelfTrainConfig, WeightStageConfig
-from rl.self_train import self_train
-from rl.weight_stage import _check_trainset, train_weights
+from rl.weight_stage import _check_trainset
 
 if TYPE_CHECKING:
     from rl.policy import Policy
@@ -110,6 +109,7 @@ def optimize(
     prompt: PromptStageConfig | dict | None = None,
     weights: WeightStageConfig | dict | None = None,
     self_training: SelfTrainConfig | dict | None = None,
+    stage_settings: dict[str, Any] | None = None,
     budget: Budget | int | dict | None = None,
     teleprompter: Any | None = None,
     prompt_lm: dspy.LM | None = None,
@@ -141,6 +141,8 @@ def optimize(
             Settings left out of a dict come from the model folder's ``cotune.json``, else (the weight stage's
             learning rate) from :func:`rl.config.lora_learning_rate`, else the class default; a config object is
             taken whole. ``params["settings_sources"]`` records which setting came from where.
+        stage_settings: ``{section: config or dict}`` for stage kinds added with
+            :func:`optimizers.stages.register` (a built-in kind's section works too).
         budget: limit for the whole run in rollouts (int) or ``{"rollouts": R, "lm_calls": C}``; each stage gets
             an equal share of what is left. ``None``: each stage's own config decides.
         teleprompter: any DSPy teleprompter instance to use for ``p`` stages instead of ``prompt.optimizer``.
@@ -193,104 +195,58 @@ def optimize(
         [('0-baseline', 0.42), ('1-p', 0.97), ('2-w', 1.0)]
         >>> answer = result.program(question="What is the last digit of 1234567?").answer  # doctest: +SKIP
     """
-    main = distributed.is_main_process()  # rank 0 (or the only process): runs the single-process work
-    callbacks = tuple(callbacks) if main else ()
-    progress = progress and main
-    stages = _parse(schedule)
+    ranks = distributed.ranks()  # rank 0 (or the only process) runs the single-process work
+    callbacks, progress = (tuple(callbacks), progress) if ranks.main else ((), False)
+    letters = _parse(schedule)
     trainset, valset = _check_data(trainset, valset)
-    if not callable(metric):
-        raise OptimizeError(f"metric must be a Rubric or a callable (example, pred, trace=None), "
-                            f"got {type(metric).__name__}")
-    if policy is None or not hasattr(policy, "lm"):
-        raise OptimizeError("policy must be an rl.Policy (e.g. Policy.from_pretrained(path) or "
-                            "embedded.tiny_policy())")
+    _check_metric_and_policy(metric, policy)
     _check_bindings(program, policy)
     rubric = as_rubric(metric)
-    settings = resolve_settings(policy, prompt=prompt, weights=weights, self_training=self_training, seed=seed)
-    prompt_cfg, weights_cfg, self_cfg = settings.prompt, settings.weights, settings.self_training
+    settings = resolve_settings(policy, seed=seed, prompt=prompt, weights=weights, self_training=self_training,
+                                **(stage_settings or {}))
     budget = Budget.coerce(budget)
-    _check_budget(stages, budget, weights_cfg, self_cfg)
-    plan = plan_run(stages, budget, prompt=prompt_cfg, weights=weights_cfg, self_training=self_cfg,
-                    n_train=len(trainset), n_val=len(valset), teleprompter=teleprompter)
+    stages = build_stages(letters, settings.configs, n_train=len(trainset), n_val=len(valset),
+                          teleprompter=teleprompter, prompt_lm=prompt_lm, reflection_lm=reflection_lm)
+    plan = plan_run(stages, budget, n_train=len(trainset), n_val=len(valset))  # refuses a share too small
     if progress:
         print("[cotune] plan: " + describe_plan(plan, budget), flush=True)
     logger.info("plan: %s", describe_plan(plan, budget))
-    eval_max_tokens = eval_max_tokens or weights_cfg.max_tokens
+    eval_max_tokens = eval_max_tokens or settings.weights.max_tokens
     if check_fields:
-        distributed.on_main(_check_fields, program, trainset, policy, eval_max_tokens, eval_threads)
-
-    params = {
-        "schedule": format_schedule(stages), "arm": arm_of(stages), "seed": seed,
-        "budget": dataclasses.asdict(budget), "prompt": dataclasses.asdict(prompt_cfg),
-        "teleprompter": type(teleprompter).__name__ if teleprompter is not None else None,
-        "weights": weights_cfg.to_dict(), "self_training": self_cfg.to_dict(), "lora": dataclasses.asdict(policy.lora),
-        "settings_sources": settings.sources, "model_settings_file": settings.model_file,
-        "plan": [p.text for p in plan],
-        "model": policy.name, "base_model": str(policy.base_path), "base_fingerprint": policy.base_fingerprint,
-        "program_class": reference_name(type(program)),
-        "n_train": len(trainset), "n_val": len(valset), "gold_metric": gold_metric is not None,
-        "tags": dict(tags or {}),
-    }
+        ranks.on_main(_check_fields, program, trainset, policy, eval_max_tokens, eval_threads)
+    params = _params(letters, seed, budget, settings, teleprompter, policy, plan, program, trainset, valset,
+                     gold_metric, tags)
     if resume and output_dir is None:
         raise OptimizeError("resume=True needs the output_dir of the run to continue")
-    temp = None
-    if output_dir is None:
-        temp = tempfile.TemporaryDirectory(prefix="cotune-run-")
-        root = Path(temp.name)
-    else:
-        root = Path(output_dir)
+    temp = tempfile.TemporaryDirectory(prefix="cotune-run-") if output_dir is None else None
+    root = Path(temp.name if temp is not None else output_dir)
     gold = _gold_guard(gold_metric)
     lock = RunLock(root)  # held by rank 0 (which alone writes the folder) until the run ends, however it ends
-    done = distributed.on_main(open_run_folder, root, lock, params, stages, resume=resume and temp is None,
-                               overwrite=overwrite)
-    run = RunInfo(params=params, output_dir=None if temp else root, stages=stages, arm=params["arm"], seed=seed,
+    done = ranks.on_main(open_run_folder, root, lock, params, letters, resume=resume and temp is None,
+                         overwrite=overwrite)
+    run = RunInfo(params=params, output_dir=None if temp else root, stages=letters, arm=params["arm"], seed=seed,
                   judges=rubric.judges)
     loop = _Loop(rubric=rubric, policy=policy, valset=valset, trainset=trainset, run=run, root=root,
-                 callbacks=callbacks, gold=gold,
-                 eval_threads=eval_threads, eval_max_tokens=eval_max_tokens,
-                 progress=progress)
+                 callbacks=callbacks, gold=gold, eval_threads=eval_threads, eval_max_tokens=eval_max_tokens,
+                 progress=progress, ranks=ranks, seed=seed, resume=resume)
     try:
-        distributed.on_main(_notify, callbacks, "on_run_start", run)
-        current = copy.deepcopy(program)
-        for _, predictor in current.named_predictors():
-            predictor.lm = None  # every stage sets the LM it needs through dspy.context
-        meter = Meter(budget)
-        for index, stage in enumerate(("baseline",) + stages):
+        ranks.on_main(_notify, callbacks, "on_run_start", run)
+        current, meter = _unbound_copy(program), Meter(budget)
+        for index, stage in enumerate((None, *stages)):
             if index in done:  # resume: reload the finished stage and move on
-                current = loop.restore(index, stage, current, meter)
-                continue
-            _seed_everything(seed + index)  # a stage's randomness depends on (seed, index) alone: a resume repeats it
-            distributed.on_main(_notify, callbacks, "on_stage_start", run, index, stage)
-            t0, before = time.perf_counter(), meter.snapshot()
-            details: dict[str, Any] = {}
-            note = ""
-            if stage == "p":
-                current, details, note = loop.prompt_stage(current, prompt_cfg, teleprompter, prompt_lm, reflection_lm,
-                                                           meter, stages_left=len(stages) - index + 1)
-            elif stage == "w":
-                details, note = loop.weight_stage(current, weights_cfg, meter, index, resume,
-                                                  stages_left=len(stages) - index + 1)
-            elif stage == "s":
-                details, note = loop.self_train_stage(current, self_cfg, meter, index,
-                                                      stages_left=len(stages) - index + 1)
-            loop.finish(index, stage, current, details, note, meter.snapshot() - before, meter.snapshot(),
-                        time.perf_counter() - t0)
+                current = loop.restore(index, stage.letter if stage else "baseline", current, meter)
+            else:
+                current = loop.run_stage(index, stage, current, meter, stages_left=len(stages) - index + 1)
         result = loop.result(program=current, params=params)
 
         def complete() -> None:
             set_status(root, "completed", params, range(len(stages) + 1))
             _notify(callbacks, "on_run_end", run, result)
 
-        distributed.on_main(complete)  # the other ranks return once rank 0's callbacks (test eval, MLflow) are done
+        ranks.on_main(complete)  # the other ranks return once rank 0's callbacks (test eval, MLflow) are done
         return result
     except BaseException as exc:
-        if main:  # the finished list only grows: stages an earlier attempt finished stay listed
-            set_status(root, "failed", params, sorted(loop.finished), error=f"{type(exc).__name__}: {exc}")
-        for cb in callbacks:
-            try:
-                cb.on_run_error(run, exc)
-            except Exception:  # noqa: BLE001 - the original error matters more than a failing callback
-                logger.exception("callback %r failed in on_run_error", cb)
+        loop.fail(exc)
         raise
     finally:
         lock.release()
@@ -306,10 +262,11 @@ class _Loop:
     """The state carried from stage to stage: history, the best stage so far, the run folder."""
 
     def __init__(self, *, rubric, policy, valset, trainset, run, root, callbacks, gold, eval_threads,
-                 eval_max_tokens, progress) -> None:
+                 eval_max_tokens, progress, ranks: distributed.Ranks, seed: int, resume: bool) -> None:
         self.rubric, self.policy, self.valset, self.trainset = rubric, policy, valset, trainset
         self.run, self.root, self.callbacks, self.gold = run, root, callbacks, gold
         self.eval_threads, self.eval_max_tokens, self.progress = eval_threads, eval_max_tokens, progress
+        self.ranks, self.seed, self.resume = ranks, seed, resume
         self.history: list[StageRecord] = []
         self.best_index = 0
         self.best_program: dspy.Module | None = None
@@ -318,105 +275,45 @@ class _Loop:
     def stage_dir(self, index: int, stage: str) -> Path:
         return stage_dir(self.root, index, stage)
 
-    # --- p ----------------------------------------------------------------------------------------
+    def run_stage(self, index: int, stage: Stage | None, current: dspy.Module, meter: Meter,
+                  stages_left: int) -> dspy.Module:
+        """Run one stage (``None``: the baseline, which only evaluates) on its share, then evaluate and save it."""
+        name = stage.letter if stage is not None else "baseline"
+        _seed_everything(self.seed + index)  # a stage's randomness depends on (seed, index) alone: a resume repeats it
+        self.ranks.on_main(_notify, self.callbacks, "on_stage_start", self.run, index, name)
+        t0, before = time.perf_counter(), meter.snapshot()
+        details: dict[str, Any] = {}
+        note = ""
+        if stage is not None:
+            context = StageContext(index=index, trainset=self.trainset, valset=self.valset, rubric=self.rubric,
+                                   policy=self.policy, meter=meter, folder=self.stage_dir(index, name),
+                                   resume=self.resume, progress=self.progress, eval_max_tokens=self.eval_max_tokens,
+                                   ranks=self.ranks, on_step=self.step_callback(index),
+                                   on_rollouts=self.rollouts_callback(index, current))
+            outcome = stage.run(context, current, meter.share(stages_left))
+            meter.charge(outcome.spend.rollouts, outcome.spend.lm_calls)
+            current, details, note = outcome.program, outcome.details, outcome.note
+        self.finish(index, name, current, details, note, meter.snapshot() - before, meter.snapshot(),
+                    time.perf_counter() - t0)
+        return current
 
-    def prompt_stage(self, current, config, teleprompter, prompt_lm, reflection_lm, meter, stages_left):
-        share = meter.share(stages_left)
-        program, details, note, spent = distributed.on_main(
-            self._prompt_stage, current, share, config, teleprompter, prompt_lm, reflection_lm)
-        meter.charge(*spent)
-        if distributed.is_distributed():  # every rank continues from rank 0's program
-            program = _with_state(current, program)
-        return program, details, note
-
-    def _prompt_stage(self, current, share, config, teleprompter, prompt_lm, reflection_lm):
-        """Run the prompt optimizer (on rank 0 alone); under several processes the program travels as its state."""
-        name = type(teleprompter).__name__ if teleprompter is not None else config.optimizer
-        stage_meter = Meter(share)
-        stage_meter.count_only_like(current)
-        lm = stage_meter.lm(self.policy, temperature=0.0, max_tokens=self.eval_max_tokens, cache=False)
-        bar = _bar(self.progress, share.rollouts, f"prompt stage ({name})")
-        stage_meter.on_rollout = (lambda: bar.update(1)) if bar is not None else None
-        details: dict[str, Any] = {"optimizer": name, "share": dataclasses.asdict(share)}
-        try:
-            with stage_meter.metering():
-                outcome = prompt_stage(current, self.trainset, self.valset, self.rubric, lm=lm, config=config,
-                                       rollouts=share.rollouts, teleprompter=teleprompter, prompt_lm=prompt_lm,
-                                       reflection_lm=reflection_lm)
-            current, note = outcome.program, outcome.note
-            details.update(config=dataclasses.asdict(outcome.plan.config), **outcome.details())
-        except PromptBudgetError as exc:  # what earlier stages left cannot buy a candidate: nothing was spent
-            note = f"skipped: {exc}"
-            logger.warning("prompt stage %s", note)
-            details["config"] = dataclasses.asdict(config)
-        finally:
-            if bar is not None:
-                bar.close()
-        spent = (stage_meter.spent.rollouts, stage_meter.spent.lm_calls)
-        return (program_state(current) if distributed.is_distributed() else current), details, note, spent
-
-    # --- w ----------------------------------------------------------------------------------------
-
-    def weight_stage(self, current, config, meter, index, resume, stages_left):
-        share = meter.share(stages_left)
-        if share.rollouts is not None:
-            rollouts = share.rollouts - share.rollouts % config.rollouts_per_step  # the budget's share decides
-            if rollouts < config.rollouts_per_step:
-                note = (f"skipped: {share.rollouts} rollouts left for this stage, one GRPO step needs "
-                        f"{config.rollouts_per_step}")
-                logger.warning("weight stage %d %s", index, note)
-                return {"steps": 0}, note
-            config = dataclasses.replace(config, max_rollouts=rollouts)
-        if not config.checkpoint_every:
-            config = dataclasses.replace(config, checkpoint_every=max(1, config.max_steps // 4))
-        config = dataclasses.replace(config, seed=config.seed + index)
-        calls = {"stage": 0, "last_step": 0}
-        forward = self.step_callback(index)
-
-        def on_step(metrics: dict[str, Any]) -> None:
-            calls["stage"] += metrics["lm_calls"]
-            calls["last_step"] = metrics["lm_calls"]
-            forward(metrics)
-
-        def should_stop() -> bool:  # the LM-call share: stop before a step that would overrun it
-            return share.lm_calls is not None and calls["stage"] + calls["last_step"] > share.lm_calls
-
-        show = self.rollouts_callback(index, current)
-
-        def show_rollouts(step: int, rollouts) -> tuple:  # a monitor that only shows: it raises no events
-            show(step, rollouts)
-            return ()
-
-        result = train_weights(current, self.trainset, self.rubric, self.policy, config,
-                               output_dir=self.stage_dir(index, "w"), resume=resume, callbacks=[on_step],
-                               monitors=[show_rollouts], progress=self.progress, should_stop=should_stop)
-        meter.charge(result.rollouts, result.lm_calls)
-        details = {"steps": result.steps, "config": config.to_dict(), "resumed_from": result.resumed_from,
-                   "history": result.history}
-        return details, ""
-
-    # --- s ----------------------------------------------------------------------------------------
-
-    def self_train_stage(self, current, config, meter, index, stages_left):
-        share = meter.share(stages_left)
-        if share.rollouts is not None:
-            if share.rollouts < config.num_samples:
-                return {"steps": 0}, f"skipped: {share.rollouts} rollouts left, one example needs {config.num_samples}"
-            config = dataclasses.replace(config, max_rollouts=share.rollouts)
-        show = self.rollouts_callback(index, current)
-        result = self_train(current, self.trainset, self.rubric, self.policy, config, progress=self.progress,
-                            callbacks=[self.step_callback(index)],
-                            on_rollouts=lambda rollouts: show(0, rollouts))  # sampled once, before training: step 0
-
-        meter.charge(result.rollouts, result.lm_calls)
-        return dataclasses.asdict(result), "" if result.rows else "no successful run to train on; adapter unchanged"
+    def fail(self, exc: BaseException) -> None:
+        """Record the failure in run.json (the finished list only grows) and tell the callbacks."""
+        if self.ranks.main:  # stages an earlier attempt finished stay listed
+            set_status(self.root, "failed", self.run.params, sorted(self.finished),
+                       error=f"{type(exc).__name__}: {exc}")
+        for cb in self.callbacks:
+            try:
+                cb.on_run_error(self.run, exc)
+            except Exception:  # noqa: BLE001 - the original error matters more than a failing callback
+                logger.exception("callback %r failed in on_run_error", cb)
 
     def rollouts_callback(self, index: int, program) -> Callable[[int, Any], None]:
         """Show a ``w`` or ``s`` stage's scored rollouts (rank 0's) to every OptimizeCallback."""
         name_of = predictor_namer(program)
 
         def show(step: int, rollouts) -> None:
-            if distributed.is_main_process():
+            if self.ranks.main:
                 for cb in self.callbacks:
                     cb.on_rollouts(self.run, index, step, rollouts, name_of)
 
@@ -435,9 +332,9 @@ class _Loop:
 
     def finish(self, index, stage, program, details, note, spend: Spend, total: Spend, seconds: float) -> None:
         """Evaluate the stage and save it (rank 0); every rank adds the record to its history."""
-        record = distributed.on_main(self._evaluate_and_save, index, stage, program, details, note, spend, total,
+        record = self.ranks.on_main(self._evaluate_and_save, index, stage, program, details, note, spend, total,
                                      seconds)
-        if not distributed.is_main_process():
+        if not self.ranks.main:
             self.finished.add(record.index)
             self._add(record, program)
 
@@ -482,7 +379,7 @@ class _Loop:
         if self.best_program is None or record.val_score > self.history[self.best_index].val_score:
             self.best_index = len(self.history) - 1
             self.best_program = copy.deepcopy(program)
-            if distributed.is_main_process():
+            if self.ranks.main:
                 self._write_bundle("best", record.index, record.stage)
 
     def _write_bundle(self, name: str, index: int, stage: str) -> None:
@@ -495,8 +392,8 @@ class _Loop:
     def restore(self, index: int, stage: str, current, meter: Meter):
         """Reload a stage finished by an earlier (interrupted) run: its program, adapter, record and spend."""
         src = self.stage_dir(index, stage)
-        record, state, adapter = distributed.on_main(_read_stage, src)
-        current = _with_state(current, state)
+        record, state, adapter = self.ranks.on_main(_read_stage, src)
+        current = program_state_loaded(current, state)
         self.policy.load_adapter_state(adapter, version=record.adapter_version, source=str(src / ADAPTER))
         meter.charge(record.spend.get("rollouts", 0), record.spend.get("lm_calls", 0))
         self.finished.add(index)
@@ -506,12 +403,12 @@ class _Loop:
 
     def result(self, program, params) -> OptimizeResult:
         last = self.history[-1]
-        if distributed.is_main_process():
+        if self.ranks.main:
             self._write_bundle("last", last.index, last.stage)
         best = self.history[self.best_index]
         if best.index != last.index:  # serve the best adapter from the live policy (rank 0 reads it for every rank)
             src = self.stage_dir(best.index, best.stage) / ADAPTER
-            self.policy.load_adapter_state(distributed.on_main(_read_adapter, src), source=str(src))
+            self.policy.load_adapter_state(self.ranks.on_main(_read_adapter, src), source=str(src))
         lm = self.policy.lm(temperature=0.0, max_tokens=self.eval_max_tokens, cache=False)
         best_program = copy.deepcopy(self.best_program)
         best_program.set_lm(lm)
@@ -551,13 +448,6 @@ def _read_adapter(path: Path, hint: str = "") -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - a missing or truncated file: name it
         raise CorruptRunError(f"{str(file)!r} is missing or damaged ({type(exc).__name__}: {exc})"
                               + (f"; {hint}" if hint else ""), path=file) from exc
-
-
-def _with_state(program: dspy.Module, state: dict[str, Any]) -> dspy.Module:
-    """A copy of ``program`` with a saved state (instructions, demos) loaded."""
-    program = copy.deepcopy(program)
-    program.load_state(state)
-    return program
 
 
 def _parse(schedule: str) -> tuple[str, ...]:
@@ -605,7 +495,7 @@ def _check_bindings(program: dspy.Module, policy: Policy) -> None:
         raise OptimizeError(f"program must be a dspy.Module, got {type(program).__name__}")
     for name, predictor in program.named_predictors():
         lm = getattr(predictor, "lm", None)
-        if lm is not None and getattr(lm, "_engine_spec", None) is not policy.engine:
+        if lm is not None and dspy_seam.engine_of(lm) is not policy.engine:
             raise OptimizeError(f"predictor {name!r} is bound to another LM ({getattr(lm, 'model', lm)!r}); optimize() "
                                 "runs every predictor on the policy: call program.set_lm(None) first")
 
@@ -631,32 +521,43 @@ def _signature_text(signature: Any) -> str:
     return f"{', '.join(signature.input_fields)} -> {', '.join(signature.output_fields)}"
 
 
-def _check_budget(stages, budget: Budget, weights: WeightStageConfig, self_cfg: SelfTrainConfig) -> None:
-    """Refuse a budget whose equal share cannot pay for one step of a weight or self-train stage."""
-    if budget.rollouts is None:
-        return
-    share = budget.rollouts // len(stages)
-    for i, stage in enumerate(stages, 1):
-        if stage == "w" and share < weights.rollouts_per_step:
-            raise BudgetError(
-                f"budget of {budget.rollouts} rollouts gives stage {i} (w) a share of {share}, below one GRPO step "
-                f"of {weights.rollouts_per_step} rollouts (examples_per_step={weights.examples_per_step} x "
-                f"num_generations={weights.num_generations}); raise the budget to at least "
-                f"{weights.rollouts_per_step * len(stages)} or make steps smaller")
-        if stage == "s" and share < self_cfg.num_samples:
-            raise BudgetError(f"budget of {budget.rollouts} rollouts gives stage {i} (s) a share of {share}, "
-                              f"below num_samples={self_cfg.num_samples}")
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _bar(enabled: bool, total: int | None, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+def _unbound_copy(program: dspy.Module) -> dspy.Module:
+    """A copy of the user's program with no LM bound: every stage sets the LM it needs through ``dspy.context``."""
+    current = copy.deepcopy(program)
+    for _, predictor in current.named_predictors():
+        predictor.lm = None
+    return current
 
-    return tqdm(total=total, desc=desc, unit="rollout")
+
+def _check_metric_and_policy(metric: Any, policy: Any) -> None:
+    if not callable(metric):
+        raise OptimizeError(f"metric must be a Rubric or a callable (example, pred, trace=None), "
+                            f"got {type(metric).__name__}")
+    if policy is None or not hasattr(policy, "lm"):
+        raise OptimizeError("policy must be an rl.Policy (e.g. Policy.from_pretrained(path) or "
+                            "embedded.tiny_policy())")
+
+
+def _params(letters, seed, budget, settings, teleprompter, policy, plan, program, trainset, valset, gold_metric,
+            tags) -> dict[str, Any]:
+    """The run's settings as recorded in run.json, the manifest and MLflow (their hash decides what may resume)."""
+    configs = {section: (config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config))
+               for section, config in settings.configs.items()}
+    return {
+        "schedule": format_schedule(letters), "arm": arm_of(letters), "seed": seed,
+        "budget": dataclasses.asdict(budget), **configs,
+        "teleprompter": type(teleprompter).__name__ if teleprompter is not None else None,
+        "lora": dataclasses.asdict(policy.lora),
+        "settings_sources": settings.sources, "model_settings_file": settings.model_file,
+        "plan": [p.text for p in plan],
+        "model": policy.name, "base_model": str(policy.base_path), "base_fingerprint": policy.base_fingerprint,
+        "program_class": reference_name(type(program)),
+        "n_train": len(trainset), "n_val": len(valset), "gold_metric": gold_metric is not None,
+        "tags": dict(tags or {}),
+    }

@@ -48,6 +48,7 @@ from dspy.utils.callback import BaseCallback
 
 from metrics import Rubric, as_rubric
 from optimizers.errors import BudgetExhausted, PromptBudgetError
+from rl import dspy_seam
 from rl.errors import StageConfigError
 
 __all__ = ["OPTIMIZERS", "PromptBudgetError", "PromptPlan", "PromptStageConfig", "PromptStageError",
@@ -299,7 +300,7 @@ class _RunCounter(BaseCallback):
         self._lock = threading.Lock()
 
     def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        if not dspy.settings.caller_modules and program_shape(instance) == self.shape:
+        if not dspy_seam.in_module_call() and program_shape(instance) == self.shape:
             with self._lock:
                 self._ours.add(call_id)
                 self.runs += 1
@@ -480,7 +481,7 @@ def prompt_stage(program: dspy.Module, trainset: Sequence[dspy.Example], valset:
     rng.shuffle(trainset)  # the seed decides which examples the optimizer sees first
     scoring = rng.sample(pool, plan.val_examples) if 0 < plan.val_examples < len(pool) else pool
     student = copy.deepcopy(program)
-    student._compiled = False  # a program an earlier stage compiled is this stage's uncompiled student
+    dspy_seam.mark_uncompiled(student)  # a program an earlier stage compiled is this stage's uncompiled student
     counter = _RunCounter(program_shape(student))
     callbacks = list(dspy.settings.get("callbacks") or []) + [counter]
     result = PromptStageResult(program=program, plan=plan)

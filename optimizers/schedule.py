@@ -4,10 +4,9 @@ Why a string: BetterTogether (arXiv 2407.10930) found no single order of prompt 
 every task, so the order is a hyperparameter. A short string is what a user types, what an experiment YAML
 holds, what Optuna samples among, and what MLflow tags runs with.
 
-Stages:
-    ``p``  prompt optimization (a DSPy optimizer: BootstrapFewShotWithRandomSearch, MIPROv2, GEPA, SIMBA, ...)
-    ``w``  weight optimization: GRPO on the policy's LoRA adapter
-    ``s``  supervised fine-tune of the adapter on the program's own successful traces (BootstrapFinetune style)
+The letters are the registered stage kinds (:mod:`optimizers.stages`): ``p`` prompt optimization, ``w`` GRPO on the
+LoRA adapter, ``s`` fine-tune on the program's own successful traces, and any kind added with
+:func:`optimizers.stages.register`.
 
 Example:
     >>> parse_schedule("p -> w -> p")
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-STAGES = {"p": "prompt optimization", "w": "GRPO weight stage", "s": "supervised fine-tune on own traces"}
+from optimizers.stages import KINDS
 
 
 class ScheduleError(ValueError):
@@ -42,8 +41,8 @@ def parse_schedule(schedule: str) -> tuple[str, ...]:
     for i, part in enumerate(parts):
         if not part:
             raise ScheduleError(f"step {i + 1} of schedule {schedule!r} is empty; write stages joined by '->'")
-        if part not in STAGES:
-            allowed = ", ".join(f"'{k}' ({v})" for k, v in STAGES.items())
+        if part not in KINDS:
+            allowed = ", ".join(f"'{k}' ({kind.title})" for k, kind in KINDS.items())
             raise ScheduleError(f"unknown stage {part!r} at step {i + 1} of schedule {schedule!r}; stages are {allowed}")
         stages.append(part)
     return tuple(stages)
@@ -56,7 +55,7 @@ def format_schedule(stages: tuple[str, ...] | list[str]) -> str:
 
 def arm_of(stages: tuple[str, ...] | list[str]) -> str:
     """The comparison arm a schedule belongs to: ``prompt-only``, ``rl-only`` (weights only) or ``joint``."""
-    kinds = {"prompt" if s == "p" else "weights" for s in stages}
+    kinds = {"weights" if KINDS[s].trains_weights else "prompt" for s in stages}
     if kinds == {"prompt"}:
         return "prompt-only"
     if kinds == {"weights"}:

@@ -21,35 +21,37 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimizers.errors import OptimizeError
-from optimizers.prompt_stage import PromptStageConfig
-from rl.config import MODEL_SETTINGS_FILE, ModelSettingsError, SelfTrainConfig, WeightStageConfig, lora_learning_rate
-
-USER, MODEL, RULE = "user", "model", "rule"
-SECTIONS: dict[str, type] = {"prompt": PromptStageConfig, "weights": WeightStageConfig,
-                             "self_training": SelfTrainConfig}
-_NOT_FROM_MODEL = ("seed",)  # a run's seed is the user's, never a model's
-
-
+from optimizers.stages import sections
+from rl.config import MODEL_SETTINGS_FILE, ModelSettingsError, lora_learning_rate
 
 if TYPE_CHECKING:
     from rl.policy import Policy
+
+USER, MODEL, RULE = "user", "model", "rule"
+_NOT_FROM_MODEL = ("seed",)  # a run's seed is the user's, never a model's
+
 
 @dataclasses.dataclass
 class Settings:
     """The stage configs of a run and where their settings came from.
 
     Attributes:
-        prompt, weights, self_training: the configs the stages run with.
+        configs: ``{section: config}`` for every registered stage kind (``prompt``, ``weights``, ``self_training``
+            and any added kind); each is also an attribute (``settings.weights``).
         sources: ``{"weights": {"learning_rate": "model", ...}, ...}``: ``user``, ``model`` or ``rule`` for every
             setting given by one of them (settings at the class default are not listed).
         model_file: the model's ``cotune.json`` when it has one.
     """
 
-    prompt: PromptStageConfig
-    weights: WeightStageConfig
-    self_training: SelfTrainConfig
+    configs: dict[str, Any]
     sources: dict[str, dict[str, str]]
     model_file: str | None
+
+    def __getattr__(self, section: str) -> Any:
+        configs = self.__dict__.get("configs") or {}
+        if section in configs:
+            return configs[section]
+        raise AttributeError(section)
 
 
 def rule_settings(hidden_size: int | None) -> dict[str, dict[str, Any]]:
@@ -59,33 +61,39 @@ def rule_settings(hidden_size: int | None) -> dict[str, dict[str, Any]]:
     return {"weights": {"learning_rate": lora_learning_rate(int(hidden_size))}}
 
 
-def resolve_settings(policy: Policy, *, prompt: Any, weights: Any, self_training: Any, seed: int) -> Settings:
+def resolve_settings(policy: Policy, *, seed: int, **given: Any) -> Settings:
     """The run's stage configs from the user's values, the model's ``cotune.json`` and the size rule.
 
     Args:
         policy: the run's :class:`rl.Policy` (its ``base_path`` holds the model's file, ``hidden_size`` sizes the
             rule); anything without ``recommended_settings`` gets neither.
-        prompt, weights, self_training: what the user passed (``None``, a dict of fields, or a config object).
         seed: the run's seed, the configs' ``seed`` unless the user set one.
+        **given: what the user passed per stage section (``prompt=``, ``weights=``, ``self_training=``...):
+            ``None``, a dict of fields, or a config object. Sections not given get ``None``.
 
     Raises:
-        OptimizeError: an unknown setting, a bad value or a config of the wrong type (the argument is named).
+        OptimizeError: an unknown section or setting, a bad value or a config of the wrong type (the argument is
+            named).
         rl.config.ModelSettingsError: the model's ``cotune.json`` is unreadable, names an unknown setting or gives a
             bad value (the file is named).
     """
+    known = sections()
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise OptimizeError(f"unknown stage settings section(s) {unknown}; the stage kinds' sections are "
+                            f"{sorted(known)}")
     recommended = policy.recommended_settings() if hasattr(policy, "recommended_settings") else {}
     model_file = str(Path(policy.base_path) / MODEL_SETTINGS_FILE) if recommended else None
     rule = rule_settings(getattr(policy, "hidden_size", None))
     configs, sources = {}, {}
-    for name, value in (("prompt", prompt), ("weights", weights), ("self_training", self_training)):
-        configs[name], sources[name] = _resolve(name, value, recommended.get(name, {}), rule.get(name, {}),
-                                                model_file, seed)
-    return Settings(**configs, sources={k: v for k, v in sources.items() if v}, model_file=model_file)
+    for name, cls in known.items():
+        configs[name], sources[name] = _resolve(name, cls, given.get(name), recommended.get(name, {}),
+                                                rule.get(name, {}), model_file, seed)
+    return Settings(configs=configs, sources={k: v for k, v in sources.items() if v}, model_file=model_file)
 
 
-def _resolve(name: str, value: Any, model: dict[str, Any], rule: dict[str, Any], model_file: str | None,
+def _resolve(name: str, cls: type, value: Any, model: dict[str, Any], rule: dict[str, Any], model_file: str | None,
              seed: int) -> tuple[Any, dict[str, str]]:
-    cls = SECTIONS[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if value is not None and not isinstance(value, (dict, cls)):
         raise OptimizeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
