@@ -283,9 +283,24 @@ def _download_bundle(uri: str, tracking_uri: str | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cotune`` parser: one helper below per subcommand, so that each one's options read on their own."""
     parser = argparse.ArgumentParser(prog="cotune", description="Co-optimize prompts and LoRA weights of DSPy programs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    track, compute = _shared_options()
+    # The order of the calls below is the order of the subcommands in `cotune --help`.
+    _add_run(sub, track, compute)
+    _add_compare(sub, track)
+    _add_tune(sub, track, compute)
+    _add_review(sub, track)
+    _add_calibrate(sub, track)
+    _add_export(sub, track)
+    _add_config(sub)
+    _add_model(sub)
+    return parser
 
+
+def _shared_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The options several subcommands take: where to track (``track``) and how to compute (``compute``)."""
     track = argparse.ArgumentParser(add_help=False)
     track.add_argument("--tracking-uri", help="MLflow tracking URI (default: the file's tracking.uri, then "
                                               "$MLFLOW_TRACKING_URI, then sqlite:///./mlflow.db)")
@@ -294,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "1 per worker when several share a machine)")
     compute.add_argument("--verbose", action="store_true", help="show every progress bar and DSPy message "
                                                                 "(default: one line per stage; the rest goes to a log)")
+    return track, compute
 
+
+def _add_run(sub, track: argparse.ArgumentParser, compute: argparse.ArgumentParser) -> None:
     run = sub.add_parser("run", parents=[track, compute], help="run every arm x seed of an experiment file",
                          description="Run every arm x seed of an experiment file (one optimize() call each), tracked "
                                      "in MLflow: one parent run per call, a nested run per stage.")
@@ -312,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     run.set_defaults(func=_cmd_run)
 
+
+def _add_compare(sub, track: argparse.ArgumentParser) -> None:
     compare = sub.add_parser("compare", parents=[track], help="report comparing an experiment's arms (from MLflow)",
                              description="Read an experiment's finished runs back from MLflow and write report.md, "
                                          "val_vs_rollouts.png and final_scores.png; print the table.")
@@ -319,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="report folder (default: the file's report_dir, else reports/<experiment>)")
     compare.set_defaults(func=_cmd_compare)
 
+
+def _add_tune(sub, track: argparse.ArgumentParser, compute: argparse.ArgumentParser) -> None:
     tune = sub.add_parser("tune", parents=[track, compute], help="one Optuna worker on the experiment's study",
                           description="Join (or create) the experiment's Optuna study and run N trials in this "
                                       "process; each trial is an optimize() run nested under the study's MLflow run. "
@@ -332,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="distinct per worker of one study (offsets the sampler's seed)")
     tune.set_defaults(func=_cmd_tune)
 
+
+def _add_review(sub, track: argparse.ArgumentParser) -> None:
     review = sub.add_parser("review", parents=[track], help="label logged rollouts, one keystroke each (HUMAN "
                                                              "feedback in MLflow)",
                             description="Show the experiment's traces that most need a person (the rubric and the gold "
@@ -346,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "order) into an MLflow review queue for the UI")
     review.set_defaults(func=_cmd_review)
 
+
+def _add_calibrate(sub, track: argparse.ArgumentParser) -> None:
     calibrate = sub.add_parser("calibrate", parents=[track], help="fit the rubric's weights to the labels on the "
                                                                    "experiment's traces",
                                description="Read HUMAN labels (and, where none, the gold answer) from the "
@@ -358,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--human-only", action="store_true", help="ignore the gold answers; HUMAN labels only")
     calibrate.set_defaults(func=_cmd_calibrate)
 
+
+def _add_export(sub, track: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", parents=[track], help="write a stand-alone bundle (program + PEFT adapter)",
                             description="Copy the best program and adapter of a run folder, a bundle, or an MLflow "
                                         "run (runs:/<run id>) into OUT, optionally with the adapter merged into full "
@@ -368,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
     export.set_defaults(func=_cmd_export)
 
+
+def _add_config(sub) -> None:
     from experiments.config import SPACE_SECTIONS
 
     config = sub.add_parser("config", help="the settings an experiment YAML accepts under a section",
@@ -376,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("section", choices=list(SPACE_SECTIONS), help="the YAML section (the stage config it fills)")
     config.set_defaults(func=_cmd_config)
 
+
+def _add_model(sub) -> None:
     model = sub.add_parser("model", help="build or inspect local models").add_subparsers(dest="model_cmd", required=True)
     build = model.add_parser("build", help="rebuild an embedded model (tiny or agent) from its recipe (cached under "
                                            "$COTUNE_CACHE); the shipped weights need no build",
@@ -400,7 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-size", type=int, default=500)
     evaluate.add_argument("--threads", type=int, help="torch CPU threads")
     evaluate.set_defaults(func=_cmd_model_eval)
-    return parser
 
 
 def _quiet_libraries() -> None:

@@ -56,6 +56,7 @@ would collide or leave ``output_dir`` (``..``) are refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import re
@@ -65,6 +66,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from experiments.space import Param, TuneError, parse_param
 
 Path_ = tuple[Any, ...]
 
@@ -382,9 +385,9 @@ def _validate(data: Any, source: str, check_task: bool) -> Experiment:
     seeds = _seeds(data.get("seeds", [0]))
     budget = _budget(data.get("budget"))
     data_cfg = _data(data.get("data", {}))
-    prompt = _section(data, "prompt", _prompt_cls())
-    weights = _section(data, "weights", _weights_cls(), sentinel={"max_rollouts": 10**9})
-    self_training = _section(data, "self_training", _self_train_cls())
+    prompt = _section(data, "prompt", _stage_cls("prompt"))
+    weights = _section(data, "weights", _stage_cls("weights"), sentinel={"max_rollouts": 10**9})
+    self_training = _section(data, "self_training", _stage_cls("self_training"))
     lora = _section(data, "lora", _lora_cls())
     eval_cfg = _plain_section(data, "eval", EVAL_KEYS, {"threads": int, "max_tokens": int})
     tracking = _plain_section(data, "tracking", TRACKING_KEYS, {"uri": str, "experiment": str, "artifacts": bool,
@@ -550,7 +553,7 @@ def _arms(value: Any) -> tuple[Arm, ...]:
         prompt: dict[str, Any] = {}
         if isinstance(schedule, dict):  # {schedule: "p", prompt: {optimizer: random_demos}}
             _no_unknown(schedule, ("schedule", "prompt"), path)
-            prompt = _section(schedule, "prompt", _prompt_cls(), path=path)
+            prompt = _section(schedule, "prompt", _stage_cls("prompt"), path=path)
             schedule = _required(schedule, "schedule", path)
         if not isinstance(schedule, str):
             raise _Problem(path, f"a schedule is a string like 'p -> w' (or {{schedule: ..., prompt: {{...}}}}), "
@@ -620,22 +623,12 @@ def _data(value: Any) -> dict[str, int]:
     return out
 
 
-def _prompt_cls():
-    from optimizers.prompt_stage import PromptStageConfig
+def _stage_cls(section: str) -> type:
+    """The config class of the stage kind whose YAML section is ``section``, from the stage registry (imported when
+    first needed: it loads torch, which ``cotune --help`` and a YAML typo should not wait for)."""
+    from optimizers.stages import sections
 
-    return PromptStageConfig
-
-
-def _weights_cls():
-    from rl.config import WeightStageConfig
-
-    return WeightStageConfig
-
-
-def _self_train_cls():
-    from rl.config import SelfTrainConfig
-
-    return SelfTrainConfig
+    return sections()[section]
 
 
 def _lora_cls():
@@ -799,8 +792,6 @@ def _check_uri(uri: str, path: Path_) -> None:
 
 
 def _tune(value: Any, name: str) -> TuneSpec:
-    from experiments.tuning import TuneError, parse_param
-
     if not isinstance(value, dict):
         raise _Problem(("tune",), f"must be a mapping (storage, space, ...), got {_kind(value)}")
     _no_unknown(value, TUNE_KEYS, ("tune",))
@@ -867,7 +858,8 @@ def _typed(value: Any, path: Path_, kinds: tuple[str, ...], keys: dict[str, tupl
     return {"type": kind, **{k: v for k, v in value.items() if k != "type"}}
 
 
-SPACE_SECTIONS = {"prompt": _prompt_cls, "weights": _weights_cls, "self_training": _self_train_cls, "lora": _lora_cls}
+SPACE_SECTIONS = {**{name: functools.partial(_stage_cls, name) for name in ("prompt", "weights", "self_training")},
+                  "lora": _lora_cls}
 
 
 def _check_space_key(key: str, path: Path_) -> str | None:
@@ -889,7 +881,7 @@ def _check_space_key(key: str, path: Path_) -> str | None:
     return "int" if isinstance(default, int) else "float" if isinstance(default, float) else None
 
 
-def _normalized(param) -> dict[str, Any]:
+def _normalized(param: Param) -> dict[str, Any]:
     if param.kind == "categorical":
         return {"choices": list(param.choices)}
     out = {"type": param.kind, "low": param.low, "high": param.high, "log": param.log}
@@ -898,7 +890,7 @@ def _normalized(param) -> dict[str, Any]:
     return out
 
 
-def _check_space_values(param, path: Path_) -> None:
+def _check_space_values(param: Param, path: Path_) -> None:
     from optimizers.schedule import ScheduleError, parse_schedule
 
     if param.name == "schedule":

@@ -9,18 +9,21 @@ with source ``HUMAN``, exactly what the UI writes, so :mod:`experiments.calibrat
 
 A label is HUMAN feedback named :data:`LABEL` (pass = ``True``, fail = ``False``, with an optional rationale);
 a corrected answer is a HUMAN expectation named :data:`CORRECTED` (it becomes a training example with its
-provenance, see ``metrics.calibrate``). Feedback a person adds in the UI under the name ``label`` counts the same.
+provenance, see ``metrics.calibration``). Feedback a person adds in the UI under the name ``label`` counts the same.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from experiments.traces import DATA_SOURCE_ID, RUBRIC_SOURCE_ID, TOTAL
+
+logger = logging.getLogger(__name__)
 
 LABEL = "label"  # HUMAN feedback: True (pass) / False (fail)
 CORRECTED = "corrected_answer"  # HUMAN expectation: what the answer should have been
@@ -207,7 +210,7 @@ def review_loop(items: Sequence[ReviewItem], *, key: Callable[[], str], ask: Cal
 
 
 def labels(items: Iterable[ReviewItem], *, gold: bool = True) -> list[Any]:
-    """The items' verdicts as :class:`metrics.calibrate.Label`\\ s: the HUMAN label where a person gave one, else
+    """The items' verdicts as :class:`metrics.calibration.Label`\\ s: the HUMAN label where a person gave one, else
     (``gold=True``) whether the outputs match the gold answer, as a GOLD label. Items with neither are left out.
 
     Each label carries the example (inputs, gold answer, id) and the prediction, so candidate criteria can be
@@ -215,7 +218,7 @@ def labels(items: Iterable[ReviewItem], *, gold: bool = True) -> list[Any]:
     """
     import dspy
 
-    from metrics.calibrate import Label
+    from metrics.calibration import Label
 
     out = []
     for item in items:
@@ -257,7 +260,10 @@ def enqueue(experiment_id: str, items: Iterable[ReviewItem], name: str = "cotune
             instruction="What should the answer have been?")]
     try:
         found = queues.get_review_queue(name=name, experiment_id=experiment_id)
-    except Exception:  # noqa: BLE001 - MLflow raises its own "not found" error: make the queue
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own "not found" error: make the queue
+        # Safe: any other failure (the store unreachable) makes the creation below fail too, with its own error.
+        logger.debug("review queue %r not found in experiment %s (%s: %s); creating it", name, experiment_id,
+                     type(exc).__name__, exc)
         found = queues.create_review_queue(name, queue_type="custom", experiment_id=experiment_id,
                                            schema_ids=[q.schema_id for q in questions])
     todo = [item.trace_id for item in queue(items)]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -33,14 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from experiments.config import Arm, ConfigError, Experiment, arm_folder, build_metric
+from experiments.config import Arm, ConfigError, Experiment, build_metric
 from experiments.tasks import resolve_task
-from experiments.tracking import KIND_TAG, MlflowTracking, check_tracking_uri, redact, resolve_tracking_uri
+from experiments.tracking import KIND_TAG, MlflowTracking, check_tracking_uri, flatten, redact, resolve_tracking_uri
 from metrics.references import ReferenceImportError
 from optimizers.callbacks import OptimizeCallback
 from optimizers.errors import OutputDirError
-from optimizers.run_folder import LOCK_FILE, RUN_FILE, RunLock
+from optimizers.run_folder import RUN_FILE, RunLock, decide, params_hash, read_folder
+from optimizers.stages import KINDS
 from rl import distributed
+from rl.atomic import jsonable, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def resolve_metric(exp: Experiment, task: Any) -> Any:
         return task.gold_metric
     if exp.metric.endswith(".json"):  # a rubric `cotune calibrate` wrote: its base rubric, reweighted
         from experiments.calibration import base_metric_of
-        from metrics.calibrate import load_calibrated
+        from metrics.calibration import load_calibrated
 
         base = base_metric_of(exp.metric)
         if base.endswith(".json"):
@@ -130,7 +131,8 @@ class ProgressPrinter(OptimizeCallback):
 
     def on_stage_start(self, run, index, stage) -> None:
         if index > 0:
-            self._print(f"stage {index}-{stage} ({STAGE_WORDS.get(stage, stage)}) ...")
+            kind = KINDS.get(stage)
+            self._print(f"stage {index}-{stage} ({kind.title if kind else stage}) ...")
 
     def on_step(self, run, index, metrics) -> None:
         step = int(metrics.get("step", 0))
@@ -150,7 +152,6 @@ class ProgressPrinter(OptimizeCallback):
                     f"{spent.get('lm_calls', 0)} LM calls | {record.seconds:.1f}s{note}")
 
 
-STAGE_WORDS = {"p": "prompt optimization", "w": "GRPO on LoRA", "s": "fine-tune on own traces"}
 
 
 class TestEvaluation(OptimizeCallback):
@@ -265,9 +266,6 @@ def run_one(exp: Experiment, arm: Arm, seed: int, *, tracker: MlflowTracking | N
                       output_dir=root, stages=[(r.name, r.val_score) for r in result.history])
 
 
-_slug = arm_folder  # the name `cotune tune` imports
-
-
 # --- what an existing run folder holds, and what `cotune run` does with it ------------------------------
 
 
@@ -288,10 +286,6 @@ def run_settings(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
             "eval": exp.eval}
 
 
-def settings_hash(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class RecordSettings(OptimizeCallback):
     """Write the experiment settings of a run into its folder (``experiment.json``) once ``optimize()`` owns it.
 
@@ -305,8 +299,8 @@ class RecordSettings(OptimizeCallback):
 
     def on_run_start(self, run) -> None:
         if run.output_dir is not None:
-            _write_json(Path(run.output_dir) / SETTINGS_FILE,
-                        {**self.header, "settings_hash": settings_hash(self.settings), "settings": self.settings})
+            write_json(Path(run.output_dir) / SETTINGS_FILE,
+                       {**self.header, "settings_hash": params_hash(self.settings), "settings": self.settings})
 
 
 class MovedAsideNotice(OptimizeCallback):
@@ -326,108 +320,68 @@ class MovedAsideNotice(OptimizeCallback):
                       flush=True)
 
 
-@dataclass
-class FolderState:
-    """What a run folder holds: nothing yet (``status`` None) or a run with its status and recorded settings."""
-
-    root: Path
-    status: str | None = None
-    finished: tuple[int, ...] = ()
-    settings: dict[str, Any] | None = None
-    damaged: str = ""  # why run.json could not be read
-
-    def describe(self) -> str:
-        if self.damaged:
-            return f"a run whose {RUN_FILE} is damaged ({self.damaged})"
-        if self.status == "completed":
-            return "a completed run"
-        done = f", stages {list(self.finished)} finished" if self.finished else ""
-        return f"an interrupted run (status {self.status!r}{done})"
-
-
-def _not_a_run_file(name: str) -> bool:
-    return name == LOCK_FILE or name.startswith(".cotune-write-test-")
-
-
-def folder_state(root: Path) -> FolderState:
-    """Read what ``root`` holds.
-
-    Raises:
-        RunFolderError: ``root`` (or a parent) is a file, or a non-empty folder that is no run folder.
-        optimizers.RunLockedError: another process is running the run in ``root`` (its pid and host are named).
-    """
-    for parent in (root, *root.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise RunFolderError(f"{parent} is a file, so the run folder {root} cannot be created there; move "
-                                     "the file or set output_dir to another folder")
-            break
-    if not root.exists():
-        return FolderState(root)
-    children = [c.name for c in root.iterdir() if not _not_a_run_file(c.name)]
-    if not children:
-        return FolderState(root)
-    if RUN_FILE not in children:
-        raise RunFolderError(f"{root} is not empty and holds no cotune run (no {RUN_FILE}; it has "
-                             f"{sorted(children)[:5]}); cotune never writes into or moves such a folder: move its "
-                             "files or set output_dir to another folder")
-    with RunLock(root):  # refuse now, not after the runs before it, when another process runs this folder
-        pass
-    try:
-        state = _read_json(root / RUN_FILE)
-    except ValueError as exc:
-        return FolderState(root, status="damaged", damaged=str(exc))
-    try:
-        settings = _read_json(root / SETTINGS_FILE) if (root / SETTINGS_FILE).exists() else None
-    except ValueError:
-        settings = None  # as if not recorded: a resume then relies on optimize()'s own settings check
-    return FolderState(root, status=str(state.get("status")), finished=tuple(state.get("finished") or ()),
-                       settings=settings)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())  # OSError aside, every failure is a ValueError (JSON, UTF-8)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds {type(data).__name__}, not a JSON object")
-    return data
-
-
-def decide(state: FolderState, settings: dict[str, Any], *, resume: bool, overwrite: bool) -> str:
+def decide_folder(root: Path, settings: dict[str, Any], *, resume: bool, overwrite: bool) -> str:
     """What `cotune run` does with one run folder: ``"new"``, ``"skip"`` (completed, same settings), ``"resume"``
     (interrupted) or ``"overwrite"`` (``optimize()`` moves the old run aside, and it starts over).
 
+    The policy is ``optimize()``'s own (:func:`optimizers.run_folder.decide`); what `cotune run` adds is its
+    settings record (``experiment.json``, so that ``--resume`` can skip a completed run) and the wording of its
+    refusals in terms of its flags.
+
     Raises:
-        RunFolderError: the folder holds a run and neither flag allows touching it; or ``resume`` with a run of
-            other settings, a damaged ``run.json``, or a completed run whose settings were not recorded.
+        RunFolderError: ``root`` (or a parent) is a file; it is a non-empty folder that is no run folder; it holds a
+            run and neither flag allows touching it; or ``resume`` with a run of other settings, a damaged
+            ``run.json``, or a completed run whose settings were not recorded.
+        optimizers.RunLockedError: another process is running the run in ``root`` (its pid and host are named).
     """
-    if state.status is None:
-        return "new"
-    if overwrite:
-        return "overwrite"
-    if not resume or state.damaged:
-        action = "skip it" if state.status == "completed" else "continue it"
-        resume_choice = "" if state.damaged else f"pass --resume to {action} (same settings only), or "
-        raise RunFolderError(f"{state.root} already holds {state.describe()}; cotune never replaces a run "
+    blocking = _file_in_the_way(root)
+    if blocking is not None:
+        raise RunFolderError(f"{blocking} is a file, so the run folder {root} cannot be created there; move "
+                             "the file or set output_dir to another folder")
+    state = read_folder(root)
+    if state.holds_run:
+        with RunLock(root):  # refuse now, not after the runs before it, when another process runs this folder
+            pass
+    recorded = _recorded_settings(root) if state.run is not None else None
+    same = None if recorded is None else recorded.get("settings_hash") == params_hash(settings)
+    action = decide(state, resume=resume, overwrite=overwrite, same_settings=same, skip_completed=True)
+    if action == "foreign":
+        raise RunFolderError(f"{root} is not empty and holds no cotune run (no {RUN_FILE}; it has "
+                             f"{list(state.files[:5])}); cotune never writes into or moves such a folder: move its "
+                             "files or set output_dir to another folder")
+    if action in ("exists", "damaged"):
+        what = "skip it" if state.status == "completed" else "continue it"
+        resume_choice = "" if state.damaged else f"pass --resume to {what} (same settings only), or "
+        raise RunFolderError(f"{root} already holds {state.describe()}; cotune never replaces a run "
                              f"implicitly: {resume_choice}pass --overwrite to move it aside to a timestamped folder "
-                             f"({state.root.name}.old-<date>-<time>) and start over")
-    if state.settings is None:
-        if state.status == "completed":
-            raise RunFolderError(f"{state.root} holds a completed run without a readable settings record "
-                                 f"({SETTINGS_FILE}: an older cotune, or removed), so --resume cannot tell whether it "
-                                 "ran with these settings; pass --overwrite to move it aside and run again")
-        return "resume"  # optimize() compares its own settings hash and refuses other settings
-    if state.settings.get("settings_hash") != settings_hash(settings):
-        changed = _changed(state.settings.get("settings") or {}, settings)
-        raise RunFolderError(f"{state.root} holds {state.describe()} with other settings ({changed}); --resume "
+                             f"({root.name}.old-<date>-<time>) and start over")
+    if action == "unverifiable":
+        raise RunFolderError(f"{root} holds a completed run without a readable settings record "
+                             f"({SETTINGS_FILE}: an older cotune, or removed), so --resume cannot tell whether it "
+                             "ran with these settings; pass --overwrite to move it aside and run again")
+    if action == "other-settings":
+        changed = _changed((recorded or {}).get("settings") or {}, settings)
+        raise RunFolderError(f"{root} holds {state.describe()} with other settings ({changed}); --resume "
                              "continues a run only with the settings it started with: restore them, or pass "
                              "--overwrite to move the old run aside and start over with the new settings")
-    return "skip" if state.status == "completed" else "resume"
+    return action  # new, skip, resume or overwrite ("completed" needs skip_completed=False)
+
+
+def _recorded_settings(root: Path) -> dict[str, Any] | None:
+    """The run's ``experiment.json``; ``None`` when missing or unreadable (as if not recorded: a resume then relies
+    on ``optimize()``'s own settings check)."""
+    path = root / SETTINGS_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())  # OSError aside, every failure is a ValueError (JSON, UTF-8)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
-    from experiments.tracking import flatten
-
-    a, b = flatten(json.loads(json.dumps(old, default=str))), flatten(json.loads(json.dumps(new, default=str)))
+    a, b = flatten(jsonable(old)), flatten(jsonable(new))
     diffs = [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
              if a.get(k) != b.get(k)]
     return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "") if diffs else \
@@ -440,12 +394,10 @@ def check_output_dir(path: Path) -> None:
     Raises:
         RunFolderError: it, or the first existing parent, is a file; or it cannot be created or written.
     """
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise RunFolderError(f"output_dir {path}: {parent} is a file, not a folder; set output_dir (in the "
-                                     "experiment file) to a folder")
-            break
+    blocking = _file_in_the_way(path)
+    if blocking is not None:
+        raise RunFolderError(f"output_dir {path}: {blocking} is a file, not a folder; set output_dir (in the "
+                             "experiment file) to a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -455,8 +407,16 @@ def check_output_dir(path: Path) -> None:
                              "set output_dir (in the experiment file) to a writable folder") from None
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The first existing of ``folder`` and its parents when it is not a folder (so ``folder`` cannot be made)."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def plan_runs(exp: Experiment, plan: Sequence[tuple[Arm, int]], *, resume: bool, overwrite: bool) -> list[str]:
-    """The decision (:func:`decide`) for every run of ``plan``, all checked before the first run starts.
+    """The decision (:func:`decide_folder`) for every run of ``plan``, all checked before the first run starts.
 
     Raises:
         RunFolderError: the output_dir is unusable, or some folders cannot be handled as asked (every one of them
@@ -466,22 +426,14 @@ def plan_runs(exp: Experiment, plan: Sequence[tuple[Arm, int]], *, resume: bool,
     decisions, problems = [], []
     for arm, seed in plan:
         try:
-            state = folder_state(exp.runs_dir / arm.folder / f"seed-{seed}")
-            decisions.append(decide(state, run_settings(exp, arm, seed), resume=resume, overwrite=overwrite))
+            decisions.append(decide_folder(exp.runs_dir / arm.folder / f"seed-{seed}", run_settings(exp, arm, seed),
+                                           resume=resume, overwrite=overwrite))
         except (RunFolderError, OutputDirError) as exc:  # RunLockedError is an OutputDirError
             problems.append(str(exc))
     if problems:
         more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         raise RunFolderError(problems[0] + more)
     return decisions
-
-
-def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -505,7 +457,7 @@ def run_experiment(exp: Experiment, *, arms: Sequence[str] | None = None, seeds:
     """Every selected arm x seed, one after the other; returns the outcomes in order.
 
     What happens to a run folder that already holds a run is decided for every folder before the first run
-    starts (:func:`decide`): nothing is ever deleted. Without a flag such a folder is refused; ``resume``
+    starts (:func:`decide_folder`): nothing is ever deleted. Without a flag such a folder is refused; ``resume``
     skips a completed run and continues an interrupted one, when its settings are unchanged (else refused);
     ``overwrite`` moves the old run aside to a timestamped folder and starts over.
 

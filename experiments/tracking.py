@@ -44,7 +44,6 @@ import math
 import os
 import re
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -56,6 +55,7 @@ from filelock import FileLock
 
 from optimizers.callbacks import OptimizeCallback
 from optimizers.run_folder import process_alive
+from rl.atomic import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,11 @@ def _check_credentials(uri: str) -> None:
             raise TrackingError(f"MLflow server {redact(uri)} refused this client ({'401' if '401' in text else '403'})"
                                 "; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a server started with "
                                 "--app-name basic-auth) or MLFLOW_TRACKING_TOKEN, see docs/cluster.md") from None
+        # Anything else (a server mid-restart, a proxy hiccup) is no refusal of this client: the server answered its
+        # health check, and a run that cannot log says so itself (logging failures are warnings, never the end of
+        # a run). Say what happened rather than hide it.
+        logger.warning("MLflow server %s answers, but listing experiments failed (%s); going on without checking "
+                       "credentials", redact(uri), _one_line(exc))
 
 
 def describe_store(uri: str) -> str:
@@ -188,10 +193,11 @@ def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
     location = (sqlite.parent / "mlruns").resolve().as_uri() if sqlite is not None else None
     try:
         return client.create_experiment(name, artifact_location=location)
-    except Exception:  # noqa: BLE001 - another worker created it between our two calls
+    except Exception as exc:  # noqa: BLE001 - another worker created it between our two calls
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
+        logger.debug("MLflow experiment %r was created by another process meanwhile (%s)", name, _one_line(exc))
         return experiment.experiment_id
 
 
@@ -468,7 +474,7 @@ class MlflowTracking(OptimizeCallback):
         data = {"tracking_uri": redact(self.tracking_uri), "experiment": self.experiment,
                 "experiment_id": self.experiment_id, "parent_run_id": self.run_id,
                 "stage_run_ids": {str(k): v for k, v in sorted(self.stage_runs.items())}}
-        self._safe("save run ids", _write_json, self._run_dir / RUN_IDS_FILE, data)
+        self._safe("save run ids", write_json, self._run_dir / RUN_IDS_FILE, data)
 
     def _close_abandoned_of_folder(self) -> None:
         """Mark FAILED the runs of this run folder (and host) that a dead process left RUNNING: the lock that
@@ -690,12 +696,3 @@ class MlflowTracking(OptimizeCallback):
         if run.output_dir is not None:
             self._upload(self.run_id, Path(run.output_dir) / "run.json")
         self._safe("end run", self.client.set_terminated, self.run_id, status)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a unique temporary name in the same folder, then rename), readable by others."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

@@ -3,7 +3,7 @@
 
 Why one module: a trial *is* one ``optimize()`` call, so tuning needs four things, all here: (1) a search space
 over the same names the experiment files use (``schedule``, ``weights.learning_rate``, ``lora.r``,
-``prompt.max_bootstrapped_demos`` ...), (2) a callback that reports the val score after every stage and raises
+``prompt.max_bootstrapped_demos`` ...; parsed by :mod:`experiments.space`, which the file validator shares), (2) a callback that reports the val score after every stage and raises
 :class:`optuna.TrialPruned` when the pruner says so (``optimize()`` then stops, keeps what it saved and re-raises),
 (3) a study that several worker processes, on one machine or many, share through one storage: sqlite for a single
 machine, any SQLAlchemy URL (PostgreSQL, MySQL) across machines, or ``journal:PATH`` for Optuna's journal file, and
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import random
 import sys
@@ -53,8 +52,9 @@ import optuna
 import yaml
 from filelock import FileLock
 
-from experiments.config import ConfigError, Experiment
-from experiments.runner import _slug, run_one
+from experiments.config import ConfigError, Experiment, arm_folder
+from experiments.runner import run_one
+from experiments.space import Param, TuneError, parse_param, parse_space
 from experiments.tracking import (
     KIND_TAG,
     MlflowTracking,
@@ -66,110 +66,14 @@ from experiments.tracking import (
     sqlite_file,
 )
 from optimizers.callbacks import OptimizeCallback
+from rl.atomic import plain_tree
 
 __all__ = ["Param", "PruneOnStage", "TuneError", "TuneOutcome", "apply_params", "best_summary",
            "create_or_load_study", "default_storage", "make_pruner", "make_sampler", "open_storage", "parse_param",
            "parse_space", "run_trials", "suggest", "tune_experiment"]
 
 
-class TuneError(ValueError):
-    """A bad search space, sampler, pruner or storage (the message names the parameter and the fix)."""
-
-
-# --- search spaces ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched setting: categorical ``choices``, or a ``low``..``high`` range of ints or floats."""
-
-    name: str
-    kind: str  # "categorical", "int" or "float"
-    choices: tuple[Any, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-
-    def suggest(self, trial: optuna.Trial) -> Any:
-        if self.kind == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices or ()))
-        if self.kind == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
-
-
-def _number(value: Any, what: str) -> float | int:
-    if isinstance(value, bool):
-        raise TuneError(f"{what} must be a number, got {value!r}")
-    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise TuneError(f"{what} must be a number, got {value!r}") from None
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TuneError(f"{what} must be a finite number, got {value!r}")
-    return value
-
-
-def parse_param(name: str, spec: Any, kind_hint: str | None = None) -> Param:
-    """A :class:`Param` from its experiment-file form.
-
-    ``{choices: [a, b]}`` is categorical; ``{low: L, high: H}`` (with optional ``log: true``, ``step: S`` and
-    ``type: int|float``) is a range, of ints when ``type: int``, when ``kind_hint`` is ``"int"``, or when both
-    bounds are integers and nothing says float.
-
-    Raises:
-        TuneError: unknown keys, both or neither of choices and a range, low > high, log with low <= 0.
-    """
-    if not isinstance(spec, Mapping):
-        raise TuneError(f"{name}: a parameter is {{choices: [...]}} or {{low: L, high: H, log: false}}, got {spec!r}")
-    unknown = set(spec) - {"choices", "low", "high", "log", "step", "type"}
-    if unknown:
-        raise TuneError(f"{name}: unknown key(s) {sorted(unknown)}; use choices, or low/high/log/step/type")
-    if "choices" in spec:
-        if set(spec) - {"choices", "type"}:
-            raise TuneError(f"{name}: give either choices or a low/high range, not both")
-        choices = spec["choices"]
-        if not isinstance(choices, (list, tuple)) or not choices:
-            raise TuneError(f"{name}: choices must be a non-empty list, got {choices!r}")
-        for c in choices:
-            if c is not None and not isinstance(c, (bool, int, float, str)):
-                raise TuneError(f"{name}: choices must be numbers, strings, booleans or null, got {c!r}")
-        if len(set(map(repr, choices))) != len(choices):
-            raise TuneError(f"{name}: choices must be distinct, got {list(choices)}")
-        return Param(name, "categorical", choices=tuple(choices))
-    if "low" not in spec or "high" not in spec:
-        raise TuneError(f"{name}: needs choices: [...] or both low and high")
-    low, high = _number(spec["low"], f"{name}.low"), _number(spec["high"], f"{name}.high")
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise TuneError(f"{name}: log must be true or false, got {log!r}")
-    step = _number(spec["step"], f"{name}.step") if spec.get("step") is not None else None
-    kind = spec.get("type") or kind_hint or ("int" if isinstance(low, int) and isinstance(high, int) else "float")
-    if kind not in ("int", "float"):
-        raise TuneError(f"{name}: type must be 'int' or 'float', got {kind!r}")
-    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
-        raise TuneError(f"{name}: an int range needs integer bounds, got {low}..{high}")
-    if low > high:
-        raise TuneError(f"{name}: low ({low}) is above high ({high})")
-    if log and low <= 0:
-        raise TuneError(f"{name}: a log range needs low > 0, got {low}")
-    if log and step is not None:
-        raise TuneError(f"{name}: Optuna cannot combine log: true with a step")
-    if step is not None and step <= 0:
-        raise TuneError(f"{name}: step must be > 0, got {step}")
-    if kind == "int":
-        return Param(name, "int", low=int(low), high=int(high), log=log, step=int(step) if step else None)
-    return Param(name, "float", low=float(low), high=float(high), log=log, step=float(step) if step else None)
-
-
-def parse_space(space: Mapping[str, Any], kind_hints: Mapping[str, str] | None = None) -> dict[str, Param]:
-    """``{name: spec}`` -> ``{name: Param}`` (see :func:`parse_param`)."""
-    if not isinstance(space, Mapping) or not space:
-        raise TuneError("the search space is empty; give at least one parameter")
-    hints = kind_hints or {}
-    return {name: parse_param(name, spec, hints.get(name)) for name, spec in space.items()}
+# --- search spaces (parsed by experiments/space.py, which the experiment-file validator shares) -----------------
 
 
 def suggest(trial: optuna.Trial, space: Mapping[str, Param]) -> dict[str, Any]:
@@ -353,8 +257,13 @@ def default_storage(directory: str | os.PathLike | None = None) -> str:
     return f"sqlite:///{(Path(directory or Path.cwd()) / 'optuna.db').resolve()}"
 
 
-def _study_run(client, experiment_id: str, study: optuna.Study, created: bool, exp: Experiment, storage: str) -> str:
-    """The study's MLflow run: created by the worker that created the study, found by the others."""
+def _study_run(client, experiment_id: str, study: optuna.Study, created: bool, exp: Experiment, storage: str,
+               store: optuna.storages.BaseStorage) -> str:
+    """The study's MLflow run: created by the worker that created the study, found by the others.
+
+    ``storage`` is the storage URL (recorded, redacted, on the study run); ``store`` the storage object the study
+    was opened on, which the other workers re-read the study from until its creator has recorded the run id.
+    """
     if created:
         run = client.create_run(experiment_id, run_name=f"study-{study.study_name}", tags={
             KIND_TAG: "study", "optuna.study": study.study_name, "optuna.storage": redact(storage),
@@ -372,7 +281,7 @@ def _study_run(client, experiment_id: str, study: optuna.Study, created: bool, e
         return run_id
     deadline = time.time() + WAIT_FOR_STUDY_RUN_S
     while time.time() < deadline:
-        run_id = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs.get(STUDY_RUN_ATTR)
+        run_id = optuna.load_study(study_name=study.study_name, storage=store).user_attrs.get(STUDY_RUN_ATTR)
         if run_id:
             return run_id
         time.sleep(1.0)
@@ -416,15 +325,8 @@ def tune_experiment(exp: Experiment, n_trials: int, *, storage: str | None = Non
     client = MlflowClient(tracking_uri=uri)
     experiment_id = get_or_create_experiment(client, exp.mlflow_experiment, uri)
 
-    store = open_storage(storage_url)
-    sampler_spec = {**spec.sampler, "seed": spec.sampler.get("seed", spec.seed)}
-    study, created = create_or_load_study(name, store, direction=spec.direction,
-                                          sampler=make_sampler(sampler_spec, seed_offset=worker_index),
-                                          pruner=make_pruner(spec.pruner))
-    if created:
-        for params in spec.enqueue:
-            study.enqueue_trial(params, skip_if_exists=True)
-    study_run_id = _study_run(client, experiment_id, study, created, exp, storage_url)
+    store, study, created = _open_study(spec, name, storage_url, worker_index)
+    study_run_id = _study_run(client, experiment_id, study, created, exp, storage_url, store)
     print(f"[cotune] study {name!r} in {redact(storage_url)} ({'created' if created else 'joined'}), worker "
           f"{worker_index}: {n_trials} trial(s); MLflow study run {study_run_id} in {uri}", file=out, flush=True)
 
@@ -439,7 +341,7 @@ def tune_experiment(exp: Experiment, n_trials: int, *, storage: str | None = Non
                                  extra_params={f"trial.{k}": v for k, v in params.items()},
                                  tags={KIND_TAG: "trial", "optuna.study": name, "optuna.trial": trial.number,
                                        "experiment": exp.name})
-        root = exp.runs_dir / "tune" / _slug(name) / f"trial-{trial.number}"
+        root = exp.runs_dir / "tune" / arm_folder(name) / f"trial-{trial.number}"
         try:
             outcome = run_one(trial_exp, arm, spec.seed, tracker=tracker, callbacks=[PruneOnStage(trial)],
                               output_dir=root, verbose=verbose, out=out)
@@ -472,22 +374,50 @@ def tune_experiment(exp: Experiment, n_trials: int, *, storage: str | None = Non
         _finish_study_run(client, study, study_run_id, interrupted)
 
     best = best_summary(study)
-    best_config = None
-    if best is not None:
-        best_config = exp.with_overrides(best["params"]).to_dict()
-        best_config["tune_best"] = {"trial": best["number"], "value": best["value"], "params": best["params"]}
-        path = exp.runs_dir / "tune" / _slug(name) / "best_config.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(_plain(best_config), sort_keys=False))
-        try:
-            client.log_artifact(study_run_id, str(path))
-        except Exception as exc:  # noqa: BLE001 - the result is printed and saved locally anyway
-            print(f"[cotune] warning: could not log best_config.yaml to MLflow ({exc})", file=out)
+    best_config = None if best is None else _save_best_config(exp, best, name, client, study_run_id, out)
+    return TuneOutcome(study=name, storage=storage_url, trials_run=n_trials, best=best, best_config=best_config,
+                       study_run_id=study_run_id, states=_state_counts(study))
+
+
+def _open_study(spec, name: str, storage_url: str, worker_index: int):
+    """Open the storage and join (or create) the study; a study this worker creates gets the enqueued configs.
+
+    Returns:
+        ``(store, study, created)``.
+    """
+    store = open_storage(storage_url)
+    sampler_spec = {**spec.sampler, "seed": spec.sampler.get("seed", spec.seed)}
+    study, created = create_or_load_study(name, store, direction=spec.direction,
+                                          sampler=make_sampler(sampler_spec, seed_offset=worker_index),
+                                          pruner=make_pruner(spec.pruner))
+    if created:
+        for params in spec.enqueue:
+            study.enqueue_trial(params, skip_if_exists=True)
+    return store, study, created
+
+
+def _save_best_config(exp: Experiment, best: dict[str, Any], name: str, client, study_run_id: str,
+                      out: IO[str]) -> dict[str, Any]:
+    """Write ``best_config.yaml``: the experiment with the best trial's values applied, and ``tune_best`` naming
+    the trial, so that the file alone says what the winner ran with; also log it to the study run."""
+    best_config = exp.with_overrides(best["params"]).to_dict()
+    best_config["tune_best"] = {"trial": best["number"], "value": best["value"], "params": best["params"]}
+    path = exp.runs_dir / "tune" / arm_folder(name) / "best_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(plain_tree(best_config), sort_keys=False))  # YAML keeps NaN: no jsonable
+    try:
+        client.log_artifact(study_run_id, str(path))
+    except Exception as exc:  # noqa: BLE001 - the result is printed and saved locally anyway
+        print(f"[cotune] warning: could not log best_config.yaml to MLflow ({exc})", file=out)
+    return best_config
+
+
+def _state_counts(study: optuna.Study) -> dict[str, int]:
+    """How many of the study's trials (every worker's) are in each state, e.g. ``{"COMPLETE": 7, "PRUNED": 3}``."""
     states: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name] = states.get(t.state.name, 0) + 1
-    return TuneOutcome(study=name, storage=storage_url, trials_run=n_trials, best=best, best_config=best_config,
-                       study_run_id=study_run_id, states=states)
+    return states
 
 
 def _log(client, run_id: str, metrics: dict[str, Any], tags: dict[str, Any], step: int) -> None:
@@ -507,15 +437,7 @@ def _finish_study_run(client, study: optuna.Study, run_id: str, interrupted: boo
         return
     try:
         client.set_terminated(run_id, "KILLED" if interrupted else "FINISHED")
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as exc:  # noqa: BLE001 - the trials are done and stored; only the study run's status is missed
+        print(f"[cotune] warning: could not end the MLflow study run {run_id} ({type(exc).__name__}: {exc}); it "
+              "stays RUNNING until another worker of the study ends it", file=sys.stderr)
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

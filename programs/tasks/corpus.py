@@ -23,7 +23,7 @@ from typing import Any
 
 from programs.tasks.world import CORPUS_DIR
 
-__all__ = ["CorpusError", "Passage", "Retriever", "default_retriever", "read_jsonl"]
+__all__ = ["CorpusError", "Passage", "Retriever", "count_option", "default_retriever", "read_jsonl"]
 
 
 class CorpusError(FileNotFoundError):
@@ -71,6 +71,18 @@ def question_loader(task: str, name: str, kinds: Sequence[str], all_kinds: Seque
         return [to_example(r) for r in chosen]
 
     return loader
+
+
+def count_option(value: Any, what: str) -> None:
+    """Refuse a task option that counts something (passages, steps) unless it is an int >= 1.
+
+    Raises:
+        programs.registry.TaskOptionError: naming ``what`` and the value given.
+    """
+    from programs.registry import TaskOptionError
+
+    if not isinstance(value, int) or value < 1:
+        raise TaskOptionError(f"{what} must be an int >= 1, got {value!r}")
 
 
 def _tokenize(texts: list[str]) -> list[list[str]]:

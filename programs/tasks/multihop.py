@@ -19,7 +19,7 @@ import dspy
 
 from metrics import ExactMatch, FormatValidity, Rubric
 from metrics.base import ComponentResult, get_field
-from programs.tasks.corpus import Retriever, default_retriever, question_loader
+from programs.tasks.corpus import Retriever, count_option, default_retriever, question_loader
 
 __all__ = ["KINDS", "OneHopQA", "RetrievalRecall", "TwoHopQA", "rubric", "task"]
 
@@ -125,11 +125,10 @@ def task(k: int = 3, kinds: Sequence[str] = KINDS):
     1200 questions about 300 founder/company pairs; splits hash the pair, so a test question is about a pair no
     training question is about.
     """
-    from programs.registry import Task, TaskOptionError
+    from programs.registry import Task
 
     loader = question_loader("multihop", "multihop.jsonl", kinds, KINDS, _example)
-    if not isinstance(k, int) or k < 1:
-        raise TaskOptionError(f"multihop k (passages per search) must be an int >= 1, got {k!r}")
+    count_option(k, "multihop k (passages per search)")
 
     return Task(
         name="multihop",

@@ -19,7 +19,7 @@ import dspy
 
 from metrics import FormatValidity, NumericMatch, Rubric
 from metrics.base import ComponentResult, get_field
-from programs.tasks.corpus import question_loader
+from programs.tasks.corpus import count_option, question_loader
 from programs.tasks.tools import make_tools
 
 __all__ = ["KINDS", "StepPenalty", "ToolCallValidity", "agent_program", "rubric", "task", "tool_steps"]
@@ -107,11 +107,10 @@ def _example(row: dict) -> dspy.Example:
 
 def task(max_iters: int = DEFAULT_MAX_ITERS, kinds: Sequence[str] = KINDS):
     """The registered ``react_tools`` task: ``max_iters`` bounds an episode's tool steps; ``kinds`` picks questions."""
-    from programs.registry import Task, TaskOptionError
+    from programs.registry import Task
 
     loader = question_loader("react_tools", "tools.jsonl", kinds, KINDS, _example)
-    if not isinstance(max_iters, int) or max_iters < 1:
-        raise TaskOptionError(f"react_tools max_iters must be an int >= 1, got {max_iters!r}")
+    count_option(max_iters, "react_tools max_iters")
 
     return Task(
         name="react_tools",

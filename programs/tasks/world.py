@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,14 +70,28 @@ def _names(rng: random.Random, n: int, syllables: tuple[int, int], used: set[str
 def build(seed: int = SEED) -> World:
     """Generate the world and its questions (pure function of ``seed``)."""
     rng = random.Random(f"world/{seed}")
+    countries, cities, people, companies = _entities(rng)  # every random draw of the world
+    city_of = {c["name"]: c for c in cities}
+    passages, ids = _passages(countries, cities, people, companies)
+    multihop = _per_pair(people, companies, lambda i, p, c: _multihop_questions(p, c, city_of, ids))
+    tools = _per_pair(people, companies, lambda i, p, c: _tool_questions(i, p, c, companies, city_of))
+    # Questions of one world are distinct; ids are stable positions (kind-prefixed, so adding kinds appends).
+    for i, q in enumerate(multihop):
+        q["id"] = f"mh{i:05d}"
+    for i, q in enumerate(tools):
+        q["id"] = f"tq{i:05d}"
+        q["gold_steps"] = len(q["gold_calls"]) + 1  # the tool calls, then "finish"
+    return World(passages, multihop, tools)
+
+
+def _entities(rng: random.Random) -> tuple[list[str], list[dict], list[dict], list[dict]]:
+    """The countries, cities, people and companies (one per person, founded by them), drawn from ``rng`` in a fixed
+    order: the shipped corpus is these draws, so reordering them changes every file."""
     used: set[str] = set()
     countries = _names(rng, SIZES["countries"], (2, 3), used, suffix="ia")
     rivers = _names(rng, 25, (2, 2), used)
     cities = [{"name": name, "country": rng.choice(countries), "river": rng.choice(rivers),
                "elevation": rng.randint(5, 2400)} for name in _names(rng, SIZES["cities"], (2, 3), used)]
-    capitals = {}
-    for c in cities:
-        capitals.setdefault(c["country"], c["name"])
     firsts = _names(rng, 60, (2, 2), used)
     lasts = _names(rng, SIZES["people"], (2, 3), used)
     people, companies = [], []
@@ -90,8 +105,15 @@ def build(seed: int = SEED) -> World:
         person["company"] = company["name"]
         people.append(person)
         companies.append(company)
-    city_of = {c["name"]: c for c in cities}
+    return countries, cities, people, companies
 
+
+def _passages(countries: list[str], cities: list[dict], people: list[dict],
+              companies: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """One passage per person, company, city and country (in that order), and the passage id of each title."""
+    capitals = {}
+    for c in cities:
+        capitals.setdefault(c["country"], c["name"])
     passages = []
     ids: dict[str, str] = {}
 
@@ -112,65 +134,72 @@ def build(seed: int = SEED) -> World:
                        f"{c['elevation']} meters.")
     for country in countries:
         add(country, f"{country} is a country whose capital is {capitals.get(country, 'not recorded')}.")
+    return passages, ids
 
-    multihop = []
-    for i, (p, c) in enumerate(zip(people, companies, strict=True)):
-        born = city_of[p["birth_city"]]
-        hq = city_of[c["city"]]
-        group = {"group": f"g{i:04d}"}
-        multihop += [{**group, **q} for q in [
-            {"kind": "company_city", "question": f"In which city is the company founded by {p['name']} "
-             f"headquartered?", "answer": c["city"], "gold_ids": [ids[p["name"]], ids[c["name"]]],
-             "gold_queries": [p["name"], c["name"]]},
-            {"kind": "founder_birthplace", "question": f"In which city was the founder of {c['name']} born?",
-             "answer": p["birth_city"], "gold_ids": [ids[c["name"]], ids[p["name"]]],
-             "gold_queries": [c["name"], p["name"]]},
-            {"kind": "birthplace_river", "question": f"Which river flows through the city where {p['name']} "
-             f"was born?", "answer": born["river"], "gold_ids": [ids[p["name"]], ids[born["name"]]],
-             "gold_queries": [p["name"], born["name"]]},
-            {"kind": "company_country", "question": f"In which country is {c['name']} headquartered?",
-             "answer": hq["country"], "gold_ids": [ids[c["name"]], ids[hq["name"]]],
-             "gold_queries": [c["name"], hq["name"]]},
-        ]]
 
-    tools = []
+def _per_pair(people: list[dict], companies: list[dict],
+              questions: Callable[[int, dict, dict], list[dict]]) -> list[dict]:
+    """``questions(i, person, company)`` for every founder/company pair, each tagged with the pair's ``group``."""
+    rows = []
     for i, (p, c) in enumerate(zip(people, companies, strict=True)):
-        other = companies[(i * 7 + 3) % len(companies)]
-        if other is c:
-            other = companies[(i + 1) % len(companies)]
-        early, late = sorted((c, other), key=lambda x: (x["founded"], x["name"]))
-        city = city_of[c["city"]]
-        feet = round(city["elevation"] * FEET_PER_METER, 1)
-        gap, total = late["founded"] - early["founded"], c["employees"] + other["employees"]
         group = {"group": f"g{i:04d}"}
-        tools += [{**group, **q} for q in [
-            {"kind": "founding_gap", "question": f"How many years after {early['name']} was {late['name']} founded?",
-             "answer": str(gap), "gold_calls": [
-                 {"tool": "lookup", "args": {"name": early["name"]}},
-                 {"tool": "lookup", "args": {"name": late["name"]}},
-                 {"tool": "calculator", "args": {"expression": f"{late['founded']} - {early['founded']}"}}]},
-            {"kind": "elevation_feet", "question": f"What is the elevation of {city['name']} in feet?",
-             "answer": f"{feet:g}", "gold_calls": [
-                 {"tool": "lookup", "args": {"name": city["name"]}},
-                 {"tool": "convert_units", "args": {"value": city["elevation"], "from_unit": "m", "to_unit": "ft"}}]},
-            {"kind": "total_employees", "question": f"How many people do {c['name']} and {other['name']} employ "
-             f"together?", "answer": str(total), "gold_calls": [
-                 {"tool": "lookup", "args": {"name": c["name"]}},
-                 {"tool": "lookup", "args": {"name": other["name"]}},
-                 {"tool": "calculator", "args": {"expression": f"{c['employees']} + {other['employees']}"}}]},
-            {"kind": "founding_age", "question": f"How old was {p['name']} in the year they founded "
-             f"{c['name']}?", "answer": str(c["founded"] - p["born"]), "gold_calls": [
-                 {"tool": "lookup", "args": {"name": p["name"]}},
-                 {"tool": "lookup", "args": {"name": c["name"]}},
-                 {"tool": "calculator", "args": {"expression": f"{c['founded']} - {p['born']}"}}]},
-        ]]
-    # Questions of one world are distinct; ids are stable positions (kind-prefixed, so adding kinds appends).
-    for i, q in enumerate(multihop):
-        q["id"] = f"mh{i:05d}"
-    for i, q in enumerate(tools):
-        q["id"] = f"tq{i:05d}"
-        q["gold_steps"] = len(q["gold_calls"]) + 1  # the tool calls, then "finish"
-    return World(passages, multihop, tools)
+        rows += [{**group, **q} for q in questions(i, p, c)]
+    return rows
+
+
+def _multihop_questions(p: dict, c: dict, city_of: dict[str, dict], ids: dict[str, str]) -> list[dict]:
+    """The two-hop questions about person ``p`` and their company ``c``: each hop's passage is the one titled by
+    the name the hop searches for."""
+    born = city_of[p["birth_city"]]
+    hq = city_of[c["city"]]
+
+    def two_hop(kind: str, question: str, answer: str, first: str, second: str) -> dict:
+        return {"kind": kind, "question": question, "answer": answer, "gold_ids": [ids[first], ids[second]],
+                "gold_queries": [first, second]}
+
+    return [
+        two_hop("company_city", f"In which city is the company founded by {p['name']} headquartered?", c["city"],
+                p["name"], c["name"]),
+        two_hop("founder_birthplace", f"In which city was the founder of {c['name']} born?", p["birth_city"],
+                c["name"], p["name"]),
+        two_hop("birthplace_river", f"Which river flows through the city where {p['name']} was born?",
+                born["river"], p["name"], born["name"]),
+        two_hop("company_country", f"In which country is {c['name']} headquartered?", hq["country"],
+                c["name"], hq["name"]),
+    ]
+
+
+def _tool_questions(i: int, p: dict, c: dict, companies: list[dict], city_of: dict[str, dict]) -> list[dict]:
+    """The tool-use questions about pair ``i`` (person ``p``, company ``c``; a second company is picked by
+    position), with one correct sequence of tool calls each."""
+    other = companies[(i * 7 + 3) % len(companies)]
+    if other is c:
+        other = companies[(i + 1) % len(companies)]
+    early, late = sorted((c, other), key=lambda x: (x["founded"], x["name"]))
+    city = city_of[c["city"]]
+    feet = round(city["elevation"] * FEET_PER_METER, 1)
+    gap, total = late["founded"] - early["founded"], c["employees"] + other["employees"]
+    return [
+        {"kind": "founding_gap", "question": f"How many years after {early['name']} was {late['name']} founded?",
+         "answer": str(gap), "gold_calls": [
+             {"tool": "lookup", "args": {"name": early["name"]}},
+             {"tool": "lookup", "args": {"name": late["name"]}},
+             {"tool": "calculator", "args": {"expression": f"{late['founded']} - {early['founded']}"}}]},
+        {"kind": "elevation_feet", "question": f"What is the elevation of {city['name']} in feet?",
+         "answer": f"{feet:g}", "gold_calls": [
+             {"tool": "lookup", "args": {"name": city["name"]}},
+             {"tool": "convert_units", "args": {"value": city["elevation"], "from_unit": "m", "to_unit": "ft"}}]},
+        {"kind": "total_employees", "question": f"How many people do {c['name']} and {other['name']} employ "
+         f"together?", "answer": str(total), "gold_calls": [
+             {"tool": "lookup", "args": {"name": c["name"]}},
+             {"tool": "lookup", "args": {"name": other["name"]}},
+             {"tool": "calculator", "args": {"expression": f"{c['employees']} + {other['employees']}"}}]},
+        {"kind": "founding_age", "question": f"How old was {p['name']} in the year they founded "
+         f"{c['name']}?", "answer": str(c["founded"] - p["born"]), "gold_calls": [
+             {"tool": "lookup", "args": {"name": p["name"]}},
+             {"tool": "lookup", "args": {"name": c["name"]}},
+             {"tool": "calculator", "args": {"expression": f"{c['founded']} - {p['born']}"}}]},
+    ]
 
 
 def dumps(rows: list[dict]) -> str:

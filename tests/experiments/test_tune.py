@@ -75,6 +75,25 @@ def test_study_creation_says_who_created_it(tmp_path):
         open_storage("optuna.db")
 
 
+def test_a_joining_worker_finds_the_study_run_through_the_storage_it_opened(tmp_path, monkeypatch):
+    from experiments import tuning
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    creator, created = create_or_load_study("s", open_storage(url))
+    store = open_storage(url)
+    joined, created_here = create_or_load_study("s", store)
+    assert created and not created_here
+    slept = []
+
+    def record_the_run_id_later(seconds):  # the creator records its MLflow run while the joiner waits
+        slept.append(seconds)
+        creator.set_user_attr(tuning.STUDY_RUN_ATTR, "run-1")
+
+    monkeypatch.setattr(tuning.time, "sleep", record_the_run_id_later)
+    assert tuning._study_run(None, "0", joined, False, SimpleNamespace(), url, store) == "run-1"
+    assert slept == [1.0]
+
+
 def test_workers_samplers_differ_and_urls_are_redacted():
     draws = []
     for k in (0, 1):
