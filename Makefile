@@ -8,11 +8,23 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast rebuild-check lint bench clean
 
+# TORCH=cpu (default): the CPU build, torch==2.13.0+cpu, from pip as configured (a local wheel, a mirror) or else from
+# PyTorch's CPU index. PyPI's plain `torch` is the multi-GB CUDA build on Linux, so the CPU build is named exactly.
+# TORCH=cuda: PyPI's torch==2.13.0 (CUDA on Linux); for another CUDA version pass TORCH_INDEX=https://download.pytorch.org/whl/cu126.
+TORCH ?= cpu
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# torch first, pinned to the CPU wheel: anything unpinned would pull a multi-GB CUDA build.
-	$(PY) -m pip install torch==2.13.0
+	# torch first: everything after it resolves against the build installed here.
+ifeq ($(TORCH),cpu)
+	$(PY) -m pip install "torch==$(TORCH_VERSION)+cpu" \
+	  || $(PY) -m pip install --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)+cpu"
+else
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+endif
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
