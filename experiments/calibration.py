@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.review import ReviewError, fetch_items, labels
+from experiments.tracking import redact
 
 KIND = "calibration"  # the cotune.kind tag of the MLflow run that records a calibration
 
@@ -67,7 +68,7 @@ def calibrate_experiment(tracking_uri: str, experiment: str, rubric: Any, *, bas
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise ReviewError(f"no MLflow experiment {experiment!r} in {tracking_uri}; run it first (cotune run)")
+        raise ReviewError(f"no MLflow experiment {experiment!r} in {redact(tracking_uri)}; run it first (cotune run)")
     items = fetch_items(client, found.experiment_id, filter_string=filter_string)
     if not items:
         raise ReviewError(f"experiment {experiment!r} has no cotune traces to calibrate on (traces are logged by "

@@ -173,11 +173,12 @@ def _cmd_review(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from experiments.review import ReviewError, fetch_items, read_key, review_loop
+    from experiments.tracking import redact
 
     name, uri, _ = _experiment_and_uri(args)
     found = MlflowClient(uri).get_experiment_by_name(name)
     if found is None:
-        raise ReviewError(f"no MLflow experiment {name!r} in {uri}; run it first (cotune run)")
+        raise ReviewError(f"no MLflow experiment {name!r} in {redact(uri)}; run it first (cotune run)")
     stage = f"tags.`cotune.stage` = '{args.stage}'" if args.stage else None
     items = fetch_items(MlflowClient(uri), found.experiment_id, filter_string=stage)
     if not items:

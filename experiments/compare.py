@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.tracking import KIND_TAG, PROGRAM_HASH_TAG, TrackingError, check_tracking_uri, describe_store
+from experiments.tracking import (
+    KIND_TAG,
+    PROGRAM_HASH_TAG,
+    TrackingError,
+    check_tracking_uri,
+    describe_store,
+    redact,
+)
 
 
 class CompareError(ValueError):
@@ -114,7 +121,7 @@ def fetch_runs(tracking_uri: str, experiment: str) -> list[RunRow]:
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise CompareError(f"no MLflow experiment named {experiment!r} in {tracking_uri}; run "
+        raise CompareError(f"no MLflow experiment named {experiment!r} in {redact(tracking_uri)}; run "
                            f"`cotune run <experiment file>` first (or pass --tracking-uri)")
     runs: list[Any] = []
     token = None

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -46,6 +47,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -93,31 +95,33 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         TrackingError: an http(s) server that does not answer, a sqlite file in a missing folder, a file store,
             or a database that refuses connections.
     """
+    shown = redact(uri)
     if uri.startswith(("http://", "https://")):
-        base = uri.rstrip("/")
+        base, headers = _without_credentials(uri.rstrip("/"))
         for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
             try:
-                with urllib.request.urlopen(base + path, timeout=timeout) as response:
+                with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers),
+                                            timeout=timeout) as response:
                     if response.status == 200:
                         _check_credentials(uri)
                         return
             except urllib.error.HTTPError as exc:
                 if exc.code in (401, 403):
-                    raise TrackingError(f"MLflow server {uri} refused the request (HTTP {exc.code}); check "
+                    raise TrackingError(f"MLflow server {shown} refused the request (HTTP {exc.code}); check "
                                         "credentials (MLFLOW_TRACKING_TOKEN) or its --allowed-hosts") from None
                 continue
-            except (urllib.error.URLError, OSError) as exc:
+            except (urllib.error.URLError, OSError, ValueError) as exc:
                 reason = getattr(exc, "reason", exc)
-                raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
+                raise TrackingError(f"cannot reach the MLflow tracking server at {shown} ({reason}); start it "
                                     "(mlflow server --host 127.0.0.1 --port PORT) or fix tracking.uri / "
                                     "MLFLOW_TRACKING_URI") from None
-        raise TrackingError(f"{uri} answers, but not as an MLflow tracking server (no /health, no REST API)")
+        raise TrackingError(f"{shown} answers, but not as an MLflow tracking server (no /health, no REST API)")
     if uri.startswith("file:") or "://" not in uri:
-        raise TrackingError(f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use "
+        raise TrackingError(f"tracking URI {shown!r} is a file store, which MLflow 3 refuses; use "
                             f"sqlite:///{DEFAULT_DB} or an http(s):// server")
     sqlite = sqlite_file(uri)
     if sqlite is not None and not sqlite.parent.is_dir():
-        raise TrackingError(f"tracking URI {uri}: folder {str(sqlite.parent)!r} does not exist")
+        raise TrackingError(f"tracking URI {shown}: folder {str(sqlite.parent)!r} does not exist")
     from mlflow import MlflowClient
 
     # Opening a database store creates or migrates its tables. Two processes doing that to one fresh sqlite file at
@@ -130,7 +134,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TrackingError(f"cannot use tracking store {redact(uri)}: {first}") from None
+        raise TrackingError(f"cannot use tracking store {shown}: {redact(first)}") from None
 
 
 def _check_credentials(uri: str) -> None:
@@ -149,7 +153,7 @@ def _check_credentials(uri: str) -> None:
         # health check, and a run that cannot log says so itself (logging failures are warnings, never the end of
         # a run). Say what happened rather than hide it.
         logger.warning("MLflow server %s answers, but listing experiments failed (%s); going on without checking "
-                       "credentials", redact(uri), _one_line(exc))
+                       "credentials", redact(uri), redact(_one_line(exc)))
 
 
 def describe_store(uri: str) -> str:
@@ -159,14 +163,34 @@ def describe_store(uri: str) -> str:
         return (f"{uri} (artifacts in {sqlite.parent / 'mlruns'}); browse with: "
                 f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     if uri.startswith(("http://", "https://")):
-        return f"MLflow server {uri} (open it in a browser)"
+        return f"MLflow server {redact(uri)} (open it in a browser)"
     return redact(uri)
 
 
-def redact(uri: str) -> str:
-    """A URI safe to print: ``scheme://user:secret@host`` -> ``scheme://user:***@host`` (tracking and Optuna
-    storage URLs alike)."""
-    return re.sub(r"(//[^/:@]+):[^@/]*@", r"\1:***@", uri)
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][\w+.-]*://)(?P<userinfo>[^:/@]+):(?P<password>.*)@(?P<rest>[^@]*)$")
+
+
+_SECRET = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]+):\S*@")
+
+
+def redact(text: str) -> str:
+    """``text`` safe to print: every ``scheme://user:secret@host`` in it becomes ``scheme://user:***@host``
+    (tracking and Optuna storage URLs, and error messages that quote them; the password may contain ``@`` or ``/``).
+
+    >>> redact("http://bob:p@ss/w0rd@127.0.0.1:5000"), redact("sqlite:///runs/mlflow.db")
+    ('http://bob:***@127.0.0.1:5000', 'sqlite:///runs/mlflow.db')
+    """
+    return _SECRET.sub(r"\g<head>:***@", text)
+
+
+def _without_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """An http(s) URL without its ``user:password@`` and the Basic-auth header that carries them instead (urllib
+    would read them as part of the host)."""
+    m = _USERINFO.match(uri)  # split at the user's ':' and the last '@' (a password may hold '@' or '/')
+    if m is None:
+        return uri, {}
+    pair = f"{urllib.parse.unquote(m['userinfo'])}:{urllib.parse.unquote(m['password'])}"
+    return m["scheme"] + m["rest"], {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
 
 def sqlite_file(url: str) -> Path | None:
