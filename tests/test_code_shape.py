@@ -24,7 +24,7 @@ def function_lengths() -> dict[tuple[str, str], int]:
         for path in sorted((ROOT / package).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
 
-            def visit(node: ast.AST, prefix: str) -> None:
+            def visit(node: ast.AST, prefix: str, rel: str = rel) -> None:
                 for child in ast.iter_child_nodes(node):
                     if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                         name = f"{prefix}{child.name}"
@@ -35,7 +35,7 @@ def function_lengths() -> dict[tuple[str, str], int]:
                                     first.value.value, str):
                                 lines -= first.end_lineno - first.lineno + 1
                             out[(rel, name)] = lines
-                        visit(child, name + ".")
+                        visit(child, name + ".", rel)
 
             visit(ast.parse(path.read_text()), "")
     return out
