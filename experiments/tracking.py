@@ -450,7 +450,7 @@ class MlflowTracking(OptimizeCallback):
             tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
         flat = flatten({k: v for k, v in params.items() if k != "tags"})
         flat.update(flatten(self.extra_params))
-        stored = self._stored_runs(run) if self.resume else None
+        stored = self._stored_runs(run, arm=str(tags["arm"])) if self.resume else None
         if stored is not None:
             self.run_id, self.stage_runs, self.resumed = stored[0], stored[1], True
             self.client.update_run(self.run_id, status="RUNNING")
@@ -470,8 +470,11 @@ class MlflowTracking(OptimizeCallback):
 
     # --- run ids in the run folder (resume) -----------------------------------------------------------
 
-    def _stored_runs(self, run) -> tuple[str, dict[int, str]] | None:
-        """The parent and stage run ids an earlier process of this run folder used, if they are in this store."""
+    def _stored_runs(self, run, arm: str) -> tuple[str, dict[int, str]] | None:
+        """The parent and stage run ids an earlier process of this run folder used, if they are in this store.
+
+        ``arm`` is the ``arm`` tag this run is given: the experiment's arm name when the caller tags one (``cotune
+        run``: ``arms: {rl: w}`` tags ``rl``), else the schedule's kind (``rl-only``)."""
         if self._run_dir is None or not (self._run_dir / RUN_IDS_FILE).exists():
             return None
         path = self._run_dir / RUN_IDS_FILE
@@ -485,7 +488,7 @@ class MlflowTracking(OptimizeCallback):
             return None
         tags = parent.data.tags
         if (stored.get("tracking_uri") != redact(self.tracking_uri) or parent.info.experiment_id != self.experiment_id
-                or parent.info.lifecycle_stage != "active" or tags.get("arm") != run.arm
+                or parent.info.lifecycle_stage != "active" or tags.get("arm") != arm
                 or tags.get("seed") != str(run.seed)):
             logger.warning("MLflow tracking: %s names runs of another store, experiment or arm/seed; opening new "
                            "runs", path)

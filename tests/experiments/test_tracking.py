@@ -120,6 +120,22 @@ def test_a_resumed_run_logs_its_restored_stages(fresh_policy, tmp_path, one_thre
     assert restored == {"0-baseline": "true", "1-w": "true", "2-w": None}
 
 
+@pytest.mark.slow  # two optimize() runs (crash, then resume): ~20 s on 2 cores
+def test_a_resume_continues_the_runs_of_an_arm_named_otherwise_than_its_schedule(fresh_policy, tmp_path, one_thread):
+    """`arms: {rl: w}`: the arm tag is the experiment's name for the arm, not the schedule's kind (`rl-only`); a resume
+    used to compare it with the kind, open a second parent run and leave the first one (issue 32)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MlflowTracking(uri, "arm-names", tags={"arm": "rl"})
+    with pytest.raises(RuntimeError):
+        run(fresh_policy, tmp_path, "w", [first, Crash(RuntimeError("power cut"), at_step=1)])
+    second = MlflowTracking(uri, "arm-names", tags={"arm": "rl"}, resume=True)
+    run(fresh_policy, tmp_path, "w", [second], resume=True)
+    client = MlflowClient(uri)
+    parents = client.search_runs([client.get_run(first.run_id).info.experiment_id], "tags.`cotune.kind` = 'run'")
+    assert second.run_id == first.run_id and len(parents) == 1, [p.info.run_id for p in parents]
+    assert client.get_run(first.run_id).info.status == "FINISHED" and client.get_run(first.run_id).data.tags["arm"] == "rl"
+
+
 def test_unusable_tracking_stores_fail_fast(tmp_path):
     with pytest.raises(TrackingError, match="cannot reach"):
         check_tracking_uri(f"http://127.0.0.1:{free_port()}", timeout=2)
