@@ -33,7 +33,11 @@ def verified(folder: Path, model: str) -> Path:
         EmbeddedModelError: a file is missing or was changed (the message says how to rebuild ``model``).
     """
     info_path = folder / INFO_FILE
-    fix = f"reinstall cotune or rebuild it with `cotune model build {model} --ship`"
+    # Restore, never rebuild over it: a rebuild trains other floats on another CPU, and --ship would overwrite the
+    # shipped weights (and their recorded hashes) with that build.
+    fix = (f"restore the shipped files (in a source checkout: `git checkout -- {folder}`; installed: `pip install "
+           f"--force-reinstall --no-deps cotune`); `cotune model build {model}` (without --ship) builds a copy into "
+           "the cache instead")
     if not info_path.exists():
         raise EmbeddedModelError(f"the shipped {model} model is missing ({info_path} not found); {fix}")
     for name, digest in json.loads(info_path.read_text())["sha256"].items():

@@ -453,6 +453,7 @@ def _sigterm(signum, frame):  # noqa: ARG001 - a polite kill ends runs as KILLED
 
 
 def main(argv: list[str] | None = None) -> int:
+    from embedded.shipped import EmbeddedModelError
     from experiments.tracking import TrackingError
     from rl import distributed
     from rl.errors import CotuneRLError
@@ -466,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
     try:
         return args.func(args)
-    except (CotuneRLError, TrackingError, ValueError, FileNotFoundError, FileExistsError,
+    except (CotuneRLError, TrackingError, EmbeddedModelError, ValueError, FileNotFoundError, FileExistsError,
             distributed.MainProcessError) as exc:
         print(f"cotune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

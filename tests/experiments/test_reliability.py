@@ -197,6 +197,20 @@ def test_a_metric_module_in_the_current_directory_is_never_imported(tmp_path, ca
     assert import_metric("evilmetric:metric")(None, None) == 1.0 and marker.exists()
 
 
+def test_a_tampered_shipped_model_is_one_line_that_says_restore_not_rebuild(tmp_path, capsys, monkeypatch):
+    """issue 32: EmbeddedModelError escaped `cotune run` as a traceback, advising `--ship`, which would write a build
+    for this CPU over the shipped weights."""
+    from embedded import tiny
+
+    copy = tiny.ship_tiny_model(tiny.SHIPPED_DIR, tmp_path / "shipped")
+    monkeypatch.setattr(tiny, "SHIPPED_DIR", copy)
+    with open(copy / "config.json", "a") as f:
+        f.write(" ")
+    err = error_of(capsys, ["run", str(tiny_experiment(tmp_path)), "--no-tracking"])
+    assert "config.json is missing or differs from the sha256" in err and "git checkout -- " in err, err
+    assert "--force-reinstall" in err and "--ship`" not in err
+
+
 def test_a_metric_must_look_like_a_metric(tmp_path, capsys):
     path = tiny_experiment(tmp_path, extra="metric: 'experiments.config:arm_folder'\n")
     assert "is not a metric: a metric takes (example, pred, trace=None)" in error_of(capsys, ["run", str(path)])
