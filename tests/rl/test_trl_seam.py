@@ -143,3 +143,14 @@ def test_the_seam_keeps_the_trainers_state_on_a_real_updater(tiny_model_dir):
         assert isinstance(inner, torch.optim.Optimizer)
     finally:
         updater.close()
+
+
+def test_every_loss_type_a_config_accepts_is_one_trls_loss_aggregates():
+    """rl.config.LOSS_TYPES is refused up front (a typo fails before any rollout): each must be a branch of TRL's
+    GRPO loss, and rl.trl_seam.ROW_MEAN_LOSSES (micro-batch padding rescale) a subset of them."""
+    from rl.config import LOSS_TYPES
+
+    source = _source("trl.trainer.grpo_trainer:GRPOTrainer._compute_loss")
+    missing_types = [t for t in LOSS_TYPES if f'"{t}"' not in source]
+    assert not missing_types, f"TRL's GRPO loss has no branch for {missing_types}: update rl.config.LOSS_TYPES"
+    assert trl_seam.ROW_MEAN_LOSSES <= set(LOSS_TYPES)
