@@ -57,10 +57,10 @@ class PromptStage:
                 "examples a candidate is scored on)")
 
     def run(self, context: StageContext, program: dspy.Module, share: Budget) -> StageOutcome:
-        state, details, note, spent = context.ranks.on_main(self._search, context, program, share)
-        if context.ranks.parallel:  # every rank continues from rank 0's program, sent as its state
-            state, program = program_state_loaded(program, state), None
-        return StageOutcome(state, details, note, Spend(*spent), context.policy.version)
+        found, details, note, spent = context.ranks.on_main(self._search, context, program, share)
+        if context.ranks.parallel:  # every rank continues from rank 0's program, sent as its saved state
+            found = program_state_loaded(program, found)
+        return StageOutcome(found, details, note, Spend(*spent), context.policy.version)
 
     def _search(self, context: StageContext, program: dspy.Module, share: Budget):
         """Run the prompt optimizer (on rank 0 alone); under several processes the program travels as its state."""
