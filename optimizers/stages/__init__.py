@@ -18,6 +18,7 @@ from optimizers.stages.base import (
     KINDS,
     Stage,
     StageContext,
+    StageKind,
     StageOutcome,
     StagePlan,
     kind_of_section,
@@ -27,5 +28,5 @@ from optimizers.stages.base import (
 )
 from optimizers.stages.plan import build_stages, plan_run
 
-__all__ = ["KINDS", "Stage", "StageContext", "StageOutcome", "StagePlan", "build_stages", "kind_of_section",
+__all__ = ["KINDS", "Stage", "StageContext", "StageKind", "StageOutcome", "StagePlan", "build_stages", "kind_of_section",
            "plan_run", "register", "sections", "unregister"]

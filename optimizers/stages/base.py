@@ -98,6 +98,30 @@ class Stage(Protocol):
         """Run on ``share`` (rollouts and LM calls) from ``program`` and the policy's current adapter."""
 
 
+class StageKind:
+    """A base for stage kinds: the class keywords set what the protocol reads, and ``__init__`` keeps the config.
+
+    ``class MyStage(StageKind, letter="m", section="mine", title="my stage", trains_weights=False,
+    config_cls=MyConfig)``; a kind that needs more of the run (n_train, a teleprompter) defines its own ``__init__``.
+    Any class with the protocol's attributes will do as well (``tests/optimizers/test_stages.py`` writes one out).
+    """
+
+    letter: ClassVar[str]
+    section: ClassVar[str]
+    title: ClassVar[str]
+    trains_weights: ClassVar[bool]
+    config_cls: ClassVar[type]
+
+    def __init_subclass__(cls, *, letter: str, section: str, title: str, trains_weights: bool, config_cls: type,
+                          **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.letter, cls.section, cls.title = letter, section, title
+        cls.trains_weights, cls.config_cls = trains_weights, config_cls
+
+    def __init__(self, config: Any, **_: Any) -> None:
+        self.config = config
+
+
 KINDS: dict[str, type] = {}  # letter -> kind class, in registration order (p, w, s, then any added)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
 import dspy
 
@@ -19,20 +19,15 @@ from optimizers.budget import Budget, Meter, Spend
 from optimizers.errors import PromptBudgetError
 from optimizers.prompt_stage import PromptStageConfig, plan_prompt_stage, prompt_stage
 from optimizers.result import program_state
-from optimizers.stages.base import StageContext, StageOutcome, StagePlan, register
+from optimizers.stages.base import StageContext, StageKind, StageOutcome, StagePlan, register
 
 logger = logging.getLogger(__name__)
 
 
 @register
-class PromptStage:
+class PromptStage(StageKind, letter="p", section="prompt", title="prompt optimization", trains_weights=False,
+                  config_cls=PromptStageConfig):
     """``p``: search instructions and demos with a DSPy prompt optimizer, sized to the stage's share."""
-
-    letter: ClassVar[str] = "p"
-    section: ClassVar[str] = "prompt"
-    title: ClassVar[str] = "prompt optimization"
-    trains_weights: ClassVar[bool] = False
-    config_cls: ClassVar[type] = PromptStageConfig
 
     def __init__(self, config: PromptStageConfig, *, n_train: int, n_val: int, teleprompter: Any | None = None,
                  prompt_lm: dspy.LM | None = None, reflection_lm: dspy.LM | None = None, **_: Any) -> None:

@@ -8,29 +8,22 @@ rollouts. Runs on every rank (data-parallel) under several processes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
 
 import dspy
 
 from optimizers.budget import Budget, Spend
 from optimizers.errors import StageShareError
-from optimizers.stages.base import StageContext, StageOutcome, StagePlan, register
+from optimizers.stages.base import StageContext, StageKind, StageOutcome, StagePlan, register
 from rl.config import SelfTrainConfig
 from rl.self_train import self_train
 
 
 @register
-class SelfTrainStage:
+class SelfTrainStage(StageKind, letter="s", section="self_training", title="supervised fine-tune on own traces",
+                     trains_weights=True, config_cls=SelfTrainConfig):
     """``s``: sample the program on train examples, keep the runs the metric accepts, fine-tune on their LM calls."""
 
-    letter: ClassVar[str] = "s"
-    section: ClassVar[str] = "self_training"
-    title: ClassVar[str] = "supervised fine-tune on own traces"
-    trains_weights: ClassVar[bool] = True
-    config_cls: ClassVar[type] = SelfTrainConfig
-
-    def __init__(self, config: SelfTrainConfig, **_: Any) -> None:
-        self.config = config
+    config: SelfTrainConfig
 
     def plan(self, share: int | None) -> StagePlan:
         c = self.config

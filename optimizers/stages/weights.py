@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
 import dspy
 
 from optimizers.budget import Budget, Spend
 from optimizers.errors import StageShareError
-from optimizers.stages.base import StageContext, StageOutcome, StagePlan, register
+from optimizers.stages.base import StageContext, StageKind, StageOutcome, StagePlan, register
 from rl.config import WeightStageConfig
 from rl.weight_stage import train_weights
 
@@ -23,17 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 @register
-class WeightStage:
+class WeightStage(StageKind, letter="w", section="weights", title="GRPO weight stage", trains_weights=True,
+                  config_cls=WeightStageConfig):
     """``w``: GRPO steps of ``examples_per_step x num_generations`` rollouts, as many as the share buys."""
 
-    letter: ClassVar[str] = "w"
-    section: ClassVar[str] = "weights"
-    title: ClassVar[str] = "GRPO weight stage"
-    trains_weights: ClassVar[bool] = True
-    config_cls: ClassVar[type] = WeightStageConfig
-
-    def __init__(self, config: WeightStageConfig, **_: Any) -> None:
-        self.config = config
+    config: WeightStageConfig
 
     def plan(self, share: int | None) -> StagePlan:
         c = self.config
