@@ -28,5 +28,5 @@ from optimizers.stages.base import (
 )
 from optimizers.stages.plan import build_stages, plan_run
 
-__all__ = ["KINDS", "Stage", "StageContext", "StageKind", "StageOutcome", "StagePlan", "build_stages", "kind_of_section",
-           "plan_run", "register", "sections", "unregister"]
+__all__ = ["KINDS", "Stage", "StageContext", "StageKind", "StageOutcome", "StagePlan", "build_stages",
+           "kind_of_section", "plan_run", "register", "sections", "unregister"]
