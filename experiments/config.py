@@ -747,9 +747,13 @@ SAFE_SERVE_FLAGS = frozenset({
     "--disable-log-requests", "--disable-log-stats", "--uvicorn-log-level", "--max-seq-len-to-capture",
     "-tp", "-pp", "-dp",
 })
-# environment variables that make a process load code or libraries it was not given
-CODE_ENV = re.compile(r"LD_\w+|DYLD_\w+|PYTHON(PATH|STARTUP|HOME|USERBASE|INSPECT|BREAKPOINT|EXECUTABLE)|BASH_ENV|ENV|"
-                      r"VLLM_PLUGINS|VLLM_\w*(PLUGIN|MODULE|CLASS)\w*")
+# environment variables that make a process load code or libraries it was not given: the loader's and Python's own
+# (PYTHONWARNINGS imports the warning categories it names, PYTHONPYCACHEPREFIX reads bytecode from another tree), and
+# vLLM's plugins and logging config (VLLM_LOGGING_CONFIG_PATH goes to logging.config.dictConfig, which imports any
+# callable the file names)
+CODE_ENV = re.compile(r"LD_\w+|DYLD_\w+|PYTHON(PATH|STARTUP|HOME|USERBASE|INSPECT|BREAKPOINT|EXECUTABLE|WARNINGS|"
+                      r"PYCACHEPREFIX)|BASH_ENV|ENV|VLLM_PLUGINS|VLLM_\w*(PLUGIN|MODULE|CLASS)\w*|"
+                      r"VLLM_LOGGING_CONFIG_PATH")
 
 
 def _check_vllm_args(vllm: dict[str, Any]) -> None:

@@ -242,6 +242,9 @@ def test_vllm_python_must_be_the_venv_cotune_builds(tmp_path, capsys, monkeypatc
     ("{extra_args: ['--middleware=evil.mod:App']}", "'--middleware' is not one of the checked vLLM flags"),
     ("{env: {LD_PRELOAD: /tmp/x.so}}", "vllm.env.LD_PRELOAD: LD_PRELOAD makes a process load code"),
     ("{env: {PYTHONPATH: /tmp/evil}}", "vllm.env.PYTHONPATH: PYTHONPATH makes a process load code"),
+    ("{env: {VLLM_LOGGING_CONFIG_PATH: /tmp/log.json}}", "VLLM_LOGGING_CONFIG_PATH makes a process load code"),
+    ("{env: {PYTHONPYCACHEPREFIX: /tmp/pyc}}", "PYTHONPYCACHEPREFIX makes a process load code"),
+    ("{env: {PYTHONWARNINGS: 'error::evil.Warn'}}", "PYTHONWARNINGS makes a process load code"),
 ])
 def test_vllm_args_and_env_that_load_code_need_an_explicit_flag(vllm, named):
     base = "name: x\ntask: last_digit_long\narms: {p: p}\nengine: vllm\n"
