@@ -58,7 +58,11 @@ def _evaluate(node: ast.AST) -> int | float:
             value = _BINARY[type(node.op)](left, right)
         except ZeroDivisionError as exc:
             raise ToolError("division by zero") from exc
-        if isinstance(value, complex) or abs(value) > MAX_MAGNITUDE:
+        except OverflowError as exc:  # a float power past 1e308 (1e10 ** 40): the same refusal as any large result
+            raise ToolError(f"result out of range (magnitude above {MAX_MAGNITUDE:g})") from exc
+        if isinstance(value, complex):  # (-8) ** 0.5
+            raise ToolError("result is not a real number (a fractional power of a negative number)")
+        if abs(value) > MAX_MAGNITUDE:
             raise ToolError(f"result out of range (magnitude above {MAX_MAGNITUDE:g})")
         return value
     raise ToolError(f"unsupported syntax {type(node).__name__}: use numbers, + - * / // % ** and parentheses")
