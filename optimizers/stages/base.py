@@ -92,7 +92,12 @@ class Stage(Protocol):
 
     def plan(self, share: int | None) -> StagePlan:
         """What ``share`` rollouts buy (``index`` 0; the budget plan numbers it); ``min_share`` is the smallest
-        useful share. May raise :class:`optimizers.errors.BudgetError` when no share at all would do."""
+        useful share. Raises :class:`optimizers.errors.StageShareError` (``min_rollouts``, ``reason``) when
+        ``share`` buys nothing useful."""
+
+    def refusal(self, *, budget: int, index: int, share: int, schedule: str, reason: str, need: int) -> str:
+        """The sentence that refuses this stage's ``share`` of ``budget`` before anything is spent (``need``: the
+        smallest budget for the whole ``schedule``), in the kind's own words (what a user should change)."""
 
     def run(self, context: StageContext, program: dspy.Module, share: Budget) -> StageOutcome:
         """Run on ``share`` (rollouts and LM calls) from ``program`` and the policy's current adapter."""
