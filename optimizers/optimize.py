@@ -73,6 +73,7 @@ from optimizers.result import (
     RunInfo,
     StageRecord,
     build_manifest,
+    program_with_state,
     read_json,
     save_program,
     write_json,
@@ -81,7 +82,6 @@ from optimizers.run_folder import RunLock, open_run_folder, set_status, stage_di
 from optimizers.schedule import arm_of, format_schedule, parse_schedule
 from optimizers.settings import resolve_settings
 from optimizers.stages import Stage, StageContext, build_stages, plan_run
-from optimizers.stages.prompt import program_state_loaded
 from rl import distributed, dspy_seam
 from rl.advantages import predictor_namer
 from rl.atomic import atomic_dir
@@ -393,7 +393,7 @@ class _Loop:
         """Reload a stage finished by an earlier (interrupted) run: its program, adapter, record and spend."""
         src = self.stage_dir(index, stage)
         record, state, adapter = self.ranks.on_main(_read_stage, src)
-        current = program_state_loaded(current, state)
+        current = program_with_state(current, state)
         self.policy.load_adapter_state(adapter, version=record.adapter_version, source=str(src / ADAPTER))
         meter.charge(record.spend.get("rollouts", 0), record.spend.get("lm_calls", 0))
         self.finished.add(index)

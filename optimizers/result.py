@@ -175,6 +175,13 @@ def program_state(program: dspy.Module) -> dict[str, Any]:
     return _unbound(program).dump_state()
 
 
+def program_with_state(program: dspy.Module, state: dict[str, Any]) -> dspy.Module:
+    """A copy of ``program`` with a saved :func:`program_state` (instructions, demos) loaded."""
+    program = copy.deepcopy(program)
+    program.load_state(state)
+    return program
+
+
 def _unbound(program: dspy.Module) -> dspy.Module:
     unbound = copy.deepcopy(program)
     for _, predictor in unbound.named_predictors():

@@ -253,13 +253,14 @@ def train_weights(
                 logger.info("weight stage: stopped before step %d by should_stop", run.step + 1)
                 break
             t0 = time.perf_counter()
-            rollouts, drawn = run.sample()
+            rollouts, drawn, skipped = run.sample()
             t1 = time.perf_counter()
             summary, rows, adv_stats, tokens_trained = run.score(rollouts)
             update = run.update(rows, adv_stats.rows)
             t2 = time.perf_counter()
             metrics = run.record(rollouts, summary, adv_stats, update, monitors, seconds=(t1 - t0, t2 - t1),
-                                 examples_sampled=drawn, tokens_trained=tokens_trained)
+                                 examples_sampled=drawn, examples_skipped=skipped,
+                                 tokens_trained=tokens_trained)
             for callback in callbacks:
                 callback(metrics)
             _show(bar, metrics)
@@ -290,7 +291,6 @@ class _StageRun:
         self.events: list[Any] = []
         self.step = self.rollouts_done = self.calls_done = 0
         self.resumed_from: int | None = None
-        self._skipped_before = 0
         self.lm = policy.lm(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
                             cache=False)
         self.name_of = predictor_namer(program)
@@ -308,15 +308,16 @@ class _StageRun:
         self.cursor = DataCursor(len(self.trainset), self.config.seed, **state["cursor"])
         self.resumed_from = self.step
 
-    def sample(self) -> tuple[list[Rollout], int]:
-        """G rollouts of each of the next ``examples_per_step`` examples (this rank's share), and how many were drawn.
+    def sample(self) -> tuple[list[Rollout], int, int]:
+        """G rollouts of each of the next ``examples_per_step`` examples (this rank's share), how many examples were
+        drawn and how many the cursor passed over.
 
         With dynamic sampling (DAPO), an example whose G rollouts all scored the same teaches nothing: the cursor
         passes over it at its next turn, and more examples are sampled until ``examples_per_step`` of them teach,
         the step has drawn twice ``examples_per_step``, or the budget is spent. Every rollout sampled counts.
         """
         config = self.config
-        self._skipped_before = self.cursor.skipped  # for the step's examples_skipped metric
+        skipped_before = self.cursor.skipped
         rollouts: list[Rollout] = []
         drawn, informative = 0, 0
         wanted = config.examples_per_step
@@ -340,7 +341,7 @@ class _StageRun:
             informative += len(indices) - len(flat)
             affordable = (config.max_rollouts - self.rollouts_done) // config.num_generations - drawn
             wanted = min(config.examples_per_step - informative, 2 * config.examples_per_step - drawn, affordable)
-        return rollouts, drawn
+        return rollouts, drawn, self.cursor.skipped - skipped_before
 
     def score(self, rollouts: list[Rollout]) -> tuple[dict[str, Any], list, AdvantageStats, int]:
         """The step's summary over every rank, this rank's training rows, and the advantage counts over every rank."""
@@ -368,7 +369,7 @@ class _StageRun:
         return update
 
     def record(self, rollouts, summary, adv_stats, update, monitors, *, seconds: tuple[float, float],
-               examples_sampled: int, tokens_trained: int) -> dict[str, Any]:
+               examples_sampled: int, examples_skipped: int, tokens_trained: int) -> dict[str, Any]:
         """The step's metrics (the same dict on every rank) and the monitors' events, added to the history."""
         self.rollouts_done += len(summary["rewards"])
         metrics = _step_metrics(summary, adv_stats, update, with_kl=self.config.beta > 0)
@@ -382,7 +383,7 @@ class _StageRun:
         metrics.update(step=self.step + 1, rollouts=self.rollouts_done, total_lm_calls=self.calls_done,
                        adapter_version=self.policy.version, seconds_rollout=seconds[0], seconds_update=seconds[1],
                        guard_events=len(step_events), examples_sampled=examples_sampled,
-                       examples_skipped=self.cursor.skipped - self._skipped_before, tokens_trained=tokens_trained)
+                       examples_skipped=examples_skipped, tokens_trained=tokens_trained)
         self.history.append(metrics)
         return metrics
 

@@ -21,7 +21,6 @@ from optimizers.stages.base import (
     StageKind,
     StageOutcome,
     StagePlan,
-    kind_of_section,
     register,
     sections,
     unregister,
@@ -29,4 +28,4 @@ from optimizers.stages.base import (
 from optimizers.stages.plan import build_stages, plan_run
 
 __all__ = ["KINDS", "Stage", "StageContext", "StageKind", "StageOutcome", "StagePlan", "build_stages",
-           "kind_of_section", "plan_run", "register", "sections", "unregister"]
+           "plan_run", "register", "sections", "unregister"]

@@ -155,11 +155,3 @@ def unregister(letter: str) -> None:
 def sections() -> dict[str, type]:
     """``{section: config class}`` of every kind, in registration order (``{"prompt": PromptStageConfig, ...}``)."""
     return {kind.section: kind.config_cls for kind in KINDS.values()}
-
-
-def kind_of_section(section: str) -> type:
-    """The kind whose config section is ``section``."""
-    for kind in KINDS.values():
-        if kind.section == section:
-            return kind
-    raise KeyError(section)

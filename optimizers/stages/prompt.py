@@ -8,7 +8,6 @@ alone and the program travels to the other ranks as its saved state.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from typing import Any
@@ -18,7 +17,7 @@ import dspy
 from optimizers.budget import Budget, Meter, Spend
 from optimizers.errors import PromptBudgetError
 from optimizers.prompt_stage import PromptStageConfig, plan_prompt_stage, prompt_stage
-from optimizers.result import program_state
+from optimizers.result import program_state, program_with_state
 from optimizers.stages.base import StageContext, StageKind, StageOutcome, StagePlan, register
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class PromptStage(StageKind, letter="p", section="prompt", title="prompt optimiz
     def run(self, context: StageContext, program: dspy.Module, share: Budget) -> StageOutcome:
         found, details, note, spent = context.ranks.on_main(self._search, context, program, share)
         if context.ranks.parallel:  # every rank continues from rank 0's program, sent as its saved state
-            found = program_state_loaded(program, found)
+            found = program_with_state(program, found)
         return StageOutcome(found, details, note, Spend(*spent), context.policy.version)
 
     def _search(self, context: StageContext, program: dspy.Module, share: Budget):
@@ -82,13 +81,6 @@ class PromptStage(StageKind, letter="p", section="prompt", title="prompt optimiz
                 bar.close()
         spent = (meter.spent.rollouts, meter.spent.lm_calls)
         return (program_state(program) if context.ranks.parallel else program), details, note, spent
-
-
-def program_state_loaded(program: dspy.Module, state: dict[str, Any]) -> dspy.Module:
-    """A copy of ``program`` with a saved state (instructions, demos) loaded."""
-    program = copy.deepcopy(program)
-    program.load_state(state)
-    return program
 
 
 def _bar(enabled: bool, total: int | None, desc: str):
